@@ -28,9 +28,19 @@ CACHE = os.environ.get("SCOREDISTILL_TEST_CACHE", os.path.join(REPO, ".tiny-mode
 
 
 def threestudio_root() -> Optional[str]:
+    """The threestudio work tree for the integration tests: ``THREESTUDIO_ROOT`` if set, else the repository's
+    ``.threestudio/`` (made by ``tests/harness/prepare_threestudio.py``) if present, else ``None``.
+
+    Raises ``RuntimeError`` if ``THREESTUDIO_ROOT`` is set but holds no ``launch.py`` (a typo must not silently
+    skip the integration tests)."""
     root = os.environ.get("THREESTUDIO_ROOT")
-    if root and os.path.isfile(os.path.join(root, "launch.py")):
+    if root:
+        if not os.path.isfile(os.path.join(root, "launch.py")):
+            raise RuntimeError(f"THREESTUDIO_ROOT={root} is not a threestudio work tree (no launch.py)")
         return os.path.abspath(root)
+    local = os.path.join(REPO, ".threestudio")
+    if os.path.isfile(os.path.join(local, "launch.py")):
+        return local
     return None
 
 

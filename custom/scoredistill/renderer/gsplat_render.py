@@ -254,6 +254,12 @@ def rasterize_cpu(
     return render_colors, render_alphas, meta
 
 
+def _on_cuda(t: Tensor) -> bool:
+    """Device test of :func:`rasterize`'s dispatch (one place, so the gsplat call contract test can drive the CUDA
+    branch with CPU tensors and a stand-in ``gsplat.rasterization``)."""
+    return bool(t.is_cuda)
+
+
 def rasterize(
     means: Tensor,
     quats: Tensor,
@@ -282,9 +288,9 @@ def rasterize(
     """
     if backend not in ("auto", "cuda", "cpu"):
         raise ValueError(f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
-    use_cuda = backend == "cuda" or (backend == "auto" and means.is_cuda)
+    use_cuda = backend == "cuda" or (backend == "auto" and _on_cuda(means))
     if use_cuda:
-        if not means.is_cuda:
+        if not _on_cuda(means):
             raise ValueError("backend='cuda' needs the Gaussians on a CUDA device")
         import gsplat
 
