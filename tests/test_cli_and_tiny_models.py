@@ -47,3 +47,23 @@ def test_tiny_sd_rejects_unsupported_vae_factor(tmp_path):
     with pytest.raises(ValueError, match="vae_scale_factor must be 2 or 8, got 4"):
         build_tiny_stable_diffusion(str(tmp_path / "sd"), vae_scale_factor=4)
     assert not (tmp_path / "sd").exists()  # nothing written for a bad setting
+
+
+def test_tiny_model_build_is_atomic(tmp_path, monkeypatch):
+    """A build that fails half-way leaves neither the folder nor its temporary; a finished one is reused."""
+    import transformers
+
+    from scoredistill.testing.tiny_models import build_tiny_dpt
+
+    def boom(self, *a, **k):
+        raise RuntimeError("killed while writing")
+
+    with monkeypatch.context() as m:
+        m.setattr(transformers.DPTImageProcessor, "save_pretrained", boom)  # the weights are already written
+        with pytest.raises(RuntimeError, match="killed"):
+            build_tiny_dpt(str(tmp_path / "dpt"))
+    assert os.listdir(tmp_path) == []
+    path = build_tiny_dpt(str(tmp_path / "dpt"))
+    assert sorted(os.listdir(tmp_path)) == ["dpt"] and os.path.exists(os.path.join(path, "preprocessor_config.json"))
+    mtime = os.path.getmtime(os.path.join(path, "config.json"))
+    assert build_tiny_dpt(path) == path and os.path.getmtime(os.path.join(path, "config.json")) == mtime

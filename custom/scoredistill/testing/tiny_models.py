@@ -12,11 +12,45 @@ same ``from_pretrained(name_or_path)`` code the pack uses for real checkpoints.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
+import tempfile
 from typing import Dict, List
 
 import torch
+
+
+def _atomic_build(marker: str):
+    """Decorator for ``build_*(folder, ...)``: build into a private temporary folder next to ``folder`` and rename
+    it into place, so a killed build leaves no half-written model and concurrent builders (pytest-xdist workers,
+    parallel developers' runs) never read each other's partial files.  A folder holding ``marker`` is returned
+    unchanged; if another process renamed first, its folder is kept and this build discarded."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(folder: str, *args, **kwargs) -> str:
+            folder = os.path.abspath(folder)
+            if os.path.exists(os.path.join(folder, marker)):
+                return folder
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
+            try:
+                fn(tmp, *args, **kwargs)
+                try:
+                    os.rename(tmp, folder)
+                except OSError:
+                    if not os.path.exists(os.path.join(folder, marker)):
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+
+        return wrapper
+
+    return deco
+
 
 #: Stable Diffusion's noise schedule (v1.x / 2.x base): scaled_linear betas 0.00085 -> 0.012, 1000 steps.
 SD_SCHEDULER_CONFIG = dict(
@@ -71,6 +105,7 @@ def write_tiny_clip_tokenizer_files(folder: str) -> List[str]:
     return [vocab_path, merges_path]
 
 
+@_atomic_build("model_index.json")
 def build_tiny_stable_diffusion(
     folder: str, seed: int = 0, sample_size: int = 8, hidden_size: int = 32, vae_scale_factor: int = 2
 ) -> str:
@@ -151,6 +186,7 @@ def build_tiny_stable_diffusion(
     return folder
 
 
+@_atomic_build("config.json")
 def build_tiny_dpt(folder: str, seed: int = 0, image_size: int = 32) -> str:
     """Write a tiny random ``DPTForDepthEstimation`` (+ ``DPTImageProcessor``) to ``folder``."""
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
@@ -177,6 +213,7 @@ def build_tiny_dpt(folder: str, seed: int = 0, image_size: int = 32) -> str:
     return folder
 
 
+@_atomic_build("config.json")
 def build_tiny_clip(folder: str, seed: int = 0, image_size: int = 32) -> str:
     """Write a tiny random ``CLIPModel`` with a ``CLIPProcessor`` (tiny tokenizer) to ``folder``."""
     from transformers import (
