@@ -344,8 +344,7 @@ def test_launch_hifa_with_threestudio_sd_guidance(tmp_path):
 def test_launch_hifa_with_ge3d_guidance(tiny_sd, threestudio_module, tmp_path):
     import scoredistill
 
-    if "ge3d-guidance" not in scoredistill.REGISTERED_NAMES:
-        pytest.skip("ge3d-guidance is not in the tree yet")
+    assert "ge3d-guidance" in scoredistill.REGISTERED_NAMES
     from harness import run_launch
 
     config = _swap_guidance(

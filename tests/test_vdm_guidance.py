@@ -140,9 +140,6 @@ def _train_then_resume(config, common, tmp_path):
 
 @pytest.mark.slow
 def test_vdm_gs_runs_end_to_end_and_resumes(tiny_sd, tmp_path):
-    gs = os.path.join(os.path.dirname(HERE), "custom", "scoredistill", "system", "gsplat_system.py")
-    if not os.path.exists(gs):
-        pytest.skip("gsplat-system not available yet")
     common = tiny_overrides(tiny_sd, *gs_cpu_overrides(num_points=300), *VDM_CPU, prompt="a red ball")
     trial = _train_then_resume("vdm-gs.yaml", common, tmp_path)
     assert glob.glob(os.path.join(trial, "save", "*test*.mp4")) or glob.glob(os.path.join(trial, "save", "it2-test", "*"))
