@@ -583,9 +583,10 @@ def disparity_fit_loss(
     The paper gives λ_d = 0.1 but not the loss's normalisation.  ``"mean"`` makes the term independent of
     the render size.  HiFA's reference code multiplies the mean by ``256² · w / 2``, ``w`` = 0.05 being the
     same factor ``w / 2`` its SDS+ terms ``Σ(z − ẑ)² · w / 2`` carry, so relative to SDS+ its disparity term
-    is scaled like a per-image squared norm (Σ ≈ 256² · mean at 512² with ~¼ of the pixels masked):
-    ``"sum"`` gives that relative scale (up to ω(t), see :func:`omega_weight`); with ``"mean"`` the term is
-    about 256² times weaker relative to SDS+.
+    is scaled like a per-image squared norm (Σ ≈ 256² · mean at 512² with ~¼ of the pixels masked).
+    ``"reference"`` reproduces it exactly with ``configs/hifa.yaml``'s SDS+ weighting (constant ω = 1/2,
+    ``lambda_sds`` = w = 0.05; measured in ``tests/test_hifa_faithful.py``); ``"sum"`` approximately; with
+    ``"mean"`` and ω = w(t) α_t/(2σ_t) the term acts ~10⁴ times weaker relative to SDS+.
 
     Args:
         rendered_disparity, predicted_disparity: ``(B, H, W)``; mask: ``(B, H, W)`` bool.

@@ -16,14 +16,20 @@ Total loss (Eq. 9 plus the disparity term of A.1)::
   ``t = t_max - (t_max - t_min)·p(step)``, ``p`` = sqrt / linear / cosine / random
   (``timestep_annealing``; ``none`` leaves the guidance's own sampling alone).  Works with every guidance
   exposing threestudio's ``min_step``/``max_step`` attributes.
-* **z-variance** from the renderer's ``z_variance``/``opacity`` outputs (``kernel-smoothed-volume-renderer``
-  or threestudio's ``nerf-volume-renderer``), δ_r = 1[opacity > 0.5], reduction ``z_variance_reduction``.
+* **z-variance** from the renderer's ``z_variance_unmasked`` (``kernel-smoothed-volume-renderer``) or masked
+  ``z_variance`` (threestudio's ``nerf-volume-renderer``, thresholds >= 0.5 only) and ``opacity``, the mask
+  δ_r = 1[opacity > z_variance_opacity_threshold] applied once (:meth:`HiFASystem.z_variance_term`), reduction
+  ``z_variance_reduction`` (``configs/hifa.yaml``: ``sum``, the reference code's).
 * **Disparity**: ``transformers.DPTForDepthEstimation.from_pretrained(disparity_model_name_or_path)`` predicts
-  relative disparity from the (detached) render, normalised in torch (mean/std/size read from the
-  checkpoint's ``preprocessor_config.json`` if present); the rendered disparity ``opacity / depth`` is fitted
-  on pixels with opacity > 0.5 (:func:`scoredistill.core.hifa.disparity_fit_loss`, per-image ``mean`` or
-  ``sum`` of the squared residual by ``disparity_reduction``, or the Pearson variant);
-  ``λ_d`` follows ``disparity_schedule`` (``anneal``: ``λ_d (1 - p)``, reference default).
+  relative disparity from the (detached) render; the input follows the checkpoint's own processor
+  (``DPTImageProcessor.from_pretrained``: size, resample, keep_aspect_ratio, ensure_multiple_of, mean/std),
+  applied in torch (:func:`scoredistill.core.hifa.dpt_preprocess`); the rendered disparity ``opacity / depth``
+  is fitted on pixels with opacity > 0.5 (:func:`scoredistill.core.hifa.disparity_fit_loss`, per-image
+  ``mean``, ``sum`` or ``reference`` (mean · 256² · 0.05/2) of the squared residual by ``disparity_reduction``,
+  or the Pearson variant); ``λ_d`` follows ``disparity_schedule`` (``anneal``: ``λ_d (1 - p)``, reference
+  default).
+* Relative strengths: ``configs/hifa.yaml`` sets those of HiFA's reference code (constant SDS weight, sums);
+  the literal reading is a set of overrides (``docs/hifa.md``, "Regulariser strengths").
 """
 from __future__ import annotations
 
@@ -96,7 +102,8 @@ class HiFASystem(DreamFusion):
         disparity_model_name_or_path: str = "Intel/dpt-hybrid-midas"
         #: "fit" (least-squares scale on normalised disparity) | "pearson"
         disparity_loss: str = "fit"
-        #: "fit" residual per image: "mean" over the masked pixels | "sum" (the reference code's relative scale)
+        #: "fit" residual per image: "mean" over the masked pixels | "sum" | "reference" (mean · 256² · 0.05/2,
+        #: the reference code's; hifa.yaml)
         disparity_reduction: str = "mean"
         #: "anneal" (λ_d (1-p)) | "constant" | "quadratic" (4 λ_d p (1-p)); p = the annealing progress
         disparity_schedule: str = "anneal"
