@@ -33,15 +33,21 @@ def _ddpm_alphas_cumprod():
 
 
 def _hifa_yaml():
+    """configs/hifa.yaml resolved with threestudio's ``idiv`` / ``rmspace`` resolvers, registered only for the
+    duration of the call when threestudio has not registered them (it refuses to register them twice)."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("idiv"):  # threestudio's resolver (threestudio/utils/config.py)
-        OmegaConf.register_new_resolver("idiv", lambda a, b: a // b)
-    if not OmegaConf.has_resolver("rmspace"):
-        OmegaConf.register_new_resolver("rmspace", lambda s, sub: s.replace(" ", sub))
-    cfg = OmegaConf.load(os.path.join(REPO, "configs", "hifa.yaml"))
-    cfg.system.prompt_processor.prompt = "x"
-    return OmegaConf.to_container(cfg, resolve=True)
+    resolvers = {"idiv": lambda a, b: a // b, "rmspace": lambda s, sub: s.replace(" ", sub)}
+    added = [name for name in resolvers if not OmegaConf.has_resolver(name)]
+    for name in added:
+        OmegaConf.register_new_resolver(name, resolvers[name])
+    try:
+        cfg = OmegaConf.load(os.path.join(REPO, "configs", "hifa.yaml"))
+        cfg.system.prompt_processor.prompt = "x"
+        return OmegaConf.to_container(cfg, resolve=True)
+    finally:
+        for name in added:
+            OmegaConf.clear_resolver(name)
 
 
 def _schedule(value, step):
