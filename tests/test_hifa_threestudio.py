@@ -369,10 +369,17 @@ def test_cpu_smoke_config_is_hifa_yaml_made_tiny(threestudio_module):
     s, f = smoke.system, full.system
     assert s.renderer_type == f.renderer_type == "kernel-smoothed-volume-renderer"
     assert s.guidance_type == f.guidance_type == "hifa-guidance"
-    assert dict(s.loss) == dict(f.loss) == {
-        "lambda_sds": 1.0, "lambda_sds_img": 0.1, "lambda_z_variance": 3.0, "lambda_disparity": 0.1,
+    # the reference code's relative strengths (tests/test_hifa_faithful.py measures them)
+    assert list(s.loss.lambda_z_variance) == [0, 0.0, 3.0, smoke.trainer.max_steps // 2]  # warm-up: first half
+    assert {**dict(s.loss), "lambda_z_variance": None} == {**dict(f.loss), "lambda_z_variance": None}
+    assert dict(f.loss) == {
+        "lambda_sds": 0.05, "lambda_sds_img": 0.005, "lambda_z_variance": [0, 0.0, 3.0, 5000], "lambda_disparity": 0.1,
         "lambda_orient": 0.0, "lambda_sparsity": 0.0, "lambda_opaque": 0.0,
     }
+    assert f.guidance.weighting_strategy == s.guidance.weighting_strategy == "constant"
+    assert f.z_variance_reduction == s.z_variance_reduction == "sum"
+    assert f.disparity_reduction == s.disparity_reduction == "reference"
+    assert list(f.random_step_percent_range) == [0.02, 0.98]
     assert f.guidance.guidance_scale == 100.0 and f.guidance.denoised_target == "ddim" and f.guidance.ddim_step_ratio == 0.25
     assert f.timestep_annealing == s.timestep_annealing == "sqrt" and f.anneal_total_steps == 10000
     assert full.trainer.max_steps == 10000 and full.data.width == full.data.height == 512
@@ -413,3 +420,119 @@ def test_system_rejects_bad_hifa_settings(threestudio_module):
                       ("disparity_loss", "l1"), ("disparity_schedule", "cos")]:
         with pytest.raises(ValueError, match=f"system.{name}"):
             check(**{name: bad})
+
+
+# ------------------------------------------------------------------ issue 14: mask once, ablation range, DPT input
+
+def _fake_system(sys_cls, **cfg):
+    import types
+
+    from threestudio.utils.config import parse_structured
+
+    return types.SimpleNamespace(cfg=parse_structured(sys_cls.Config, cfg), RENDERER_ZVAR_MASK=sys_cls.RENDERER_ZVAR_MASK)
+
+
+def test_system_applies_the_z_variance_mask_once(threestudio_module):
+    """A system threshold below the renderer's 0.5 takes effect (the unmasked output is masked once, by the
+    system); with a renderer that only has the masked output such a threshold is refused."""
+    from scoredistill.core.hifa import z_variance_loss_from_maps
+
+    sys_cls = threestudio_module.find("hifa-system")
+    opacity = torch.tensor([0.2, 0.4, 0.45, 0.7, 0.9]).view(1, 5, 1, 1)
+    var = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).view(1, 5, 1, 1)
+    out = {"opacity": opacity, "z_variance_unmasked": var, "z_variance": var * (opacity > 0.5)}
+    low = _fake_system(sys_cls, z_variance_opacity_threshold=0.3, z_variance_reduction="sum")
+    assert float(sys_cls.z_variance_term(low, out)) == pytest.approx(2.0 + 3.0 + 4.0 + 5.0)
+    high = _fake_system(sys_cls, z_variance_opacity_threshold=0.8, z_variance_reduction="sum")
+    assert float(sys_cls.z_variance_term(high, out)) == pytest.approx(5.0)
+    # threestudio's nerf-volume-renderer: z_variance only, already masked at 0.5
+    ts_out = {"opacity": opacity, "z_variance": var * (opacity > 0.5)}
+    assert float(sys_cls.z_variance_term(high, ts_out)) == pytest.approx(5.0)
+    mid = _fake_system(sys_cls, z_variance_opacity_threshold=0.5, z_variance_reduction="mean")
+    torch.testing.assert_close(sys_cls.z_variance_term(mid, ts_out), z_variance_loss_from_maps(var, opacity, 0.5, "mean"))
+    with pytest.raises(ValueError, match="system.z_variance_opacity_threshold"):
+        sys_cls.z_variance_term(low, ts_out)
+
+
+def test_renderer_outputs_unmasked_z_variance(threestudio_module):
+    from scoredistill.core.hifa import ray_depth_statistics
+
+    r = _renderer(threestudio_module, ShellGeometry(), num_samples_per_ray=32, num_samples_per_ray_importance=16)
+    r.train()
+    o, d = _rays(4, 4, spread=0.6)
+    out = r(o, d, torch.zeros(1, 3))
+    assert "z_variance_unmasked" in out and out["z_variance_unmasked"].shape == out["z_variance"].shape
+    mask = (out["opacity"] > 0.5).float()
+    torch.testing.assert_close(out["z_variance"], out["z_variance_unmasked"] * mask)
+
+
+def test_random_ablation_samples_the_papers_range(threestudio_module):
+    """``timestep_annealing: random`` draws t in [0.02 T, 0.98 T] (DreamFusion's range, the reference code's
+    ``20 + 960 U``), not the annealing range [0.3 T, 0.98 T]."""
+    import types
+
+    sys_cls = threestudio_module.find("hifa-system")
+    fake = _fake_system(sys_cls, timestep_annealing="random", anneal_total_steps=100)
+    fake.guidance = types.SimpleNamespace(num_train_timesteps=1000, min_step=0, max_step=0)
+    torch.manual_seed(0)
+    ts_ = []
+    for step in range(300):
+        sys_cls._apply_annealing(fake, step)
+        assert fake.guidance.min_step == fake.guidance.max_step
+        ts_.append(fake.guidance.min_step)
+    assert min(ts_) >= 20 and max(ts_) <= 980
+    assert sum(t < 300 for t in ts_) > 60  # ~29% of U[20, 980] lies below the annealing range
+    with pytest.raises(ValueError, match="system.random_step_percent_range"):
+        sys_cls.validate_hifa_config(_fake_system(sys_cls, random_step_percent_range=[0.5, 0.1]))
+
+
+def test_system_dpt_input_and_disparity_through_an_analytic_depth_model(threestudio_module, tmp_path):
+    """The system reads the DPT input settings from the checkpoint's processor config (transformers), and its
+    disparity term on a non-constant depth model (an analytic stand-in with DPT's call signature) is the
+    fit / Pearson loss of the prediction: ~0 for the matching relief, sign-blind for fit, not for Pearson."""
+    import json
+    import types
+
+    from scoredistill.core.hifa import disparity_fit_loss, disparity_pearson_loss, dpt_preprocess
+
+    sys_cls = threestudio_module.find("hifa-system")
+    with open(tmp_path / "preprocessor_config.json", "w") as f:
+        json.dump({"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                   "resample": 2, "size": 64, "feature_extractor_type": "DPTFeatureExtractor"}, f)
+    settings = sys_cls.dpt_input_settings(str(tmp_path), 384)
+    assert settings["size"] == (64, 64) and settings["resample"] == 2
+    assert sys_cls.dpt_input_settings(str(tmp_path / "missing"), 48)["size"] == (48, 48)  # DPT defaults, bilinear
+
+    class AnalyticDPT(torch.nn.Module):
+        def forward(self, pixel_values):
+            return types.SimpleNamespace(predicted_depth=5.0 * (pixel_values * 0.5 + 0.5).mean(1) + 1.0)
+
+    H = 32
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, H), indexing="ij")
+    relief = torch.exp(-((xx - 0.3) ** 2 + yy ** 2) * 4)[None]
+    opacity = torch.where(xx ** 2 + yy ** 2 < 0.8, 0.95, 0.1)[None]
+
+    def run(disparity, loss):
+        fake = _fake_system(sys_cls, disparity_loss=loss, disparity_reduction="mean")
+        fake.dpt, fake._dpt_input = AnalyticDPT(), settings
+        depth = (opacity / disparity).requires_grad_(True)
+        out = {"comp_rgb": relief[..., None].expand(1, H, H, 3), "opacity": opacity[..., None], "depth": depth[..., None]}
+        value = sys_cls.disparity_loss(fake, out)
+        value.backward()
+        return float(value), depth.grad
+
+    good, inv = 0.3 + 0.6 * relief, 0.9 - 0.6 * relief
+    fit_good, g = run(good, "fit")
+    fit_inv, _ = run(inv, "fit")
+    pear_good, _ = run(good, "pearson")
+    pear_inv, _ = run(inv, "pearson")
+    # the system's value is the maths on the analytic prediction
+    pred = AnalyticDPT()(dpt_preprocess(relief[:, None].expand(1, 3, H, H), **settings)).predicted_depth
+    pred = torch.nn.functional.interpolate(pred[:, None], (H, H), mode="bicubic", align_corners=False)[:, 0]
+    mask = opacity > 0.5
+    assert fit_good == pytest.approx(float(disparity_fit_loss(good, pred, mask)["loss"]), rel=1e-4, abs=1e-7)
+    assert pear_inv == pytest.approx(float(disparity_pearson_loss(inv, pred, mask)), rel=1e-5)
+    assert fit_good < 1e-2 and pear_good < 1e-2
+    assert fit_inv == pytest.approx(fit_good, rel=1e-3, abs=1e-6)  # fit is blind to the relief's sign
+    assert pear_inv > 1.9  # Pearson is not
+    assert g[~mask].abs().sum() == 0

@@ -239,3 +239,47 @@ def test_lods_nerf_configs_train_on_cpu_with_pure_torch_parts(tiny_sd, tmp_path,
     assert state["aux_steps"] == 2
     if "lora" in name:
         assert state["variant"] == "lora" and len(state["lora"]) > 0
+
+
+# ---------------------------------------------------------------------------------------- CFG infinity (issue 14)
+def test_cfg_infinity_from_a_config_is_the_limit_of_eq7(env, tiny_sd):
+    """The paper's 2D setting (A.1: CFG "infinity") from a config: ``guidance_scale: .inf`` (YAML) or
+    ``guidance_scale=inf`` (command line) passes the shared base's check for ``lods-guidance`` only, and its
+    gradient is Eq. 7's s → ∞ limit (equal to s = 1e12 with the same noise and timestep)."""
+    from omegaconf import OmegaConf
+
+    threestudio, prompt_utils = env
+    yaml_value = OmegaConf.create("guidance_scale: .inf").guidance_scale  # YAML
+    cli_value = OmegaConf.from_dotlist(["guidance_scale=inf"]).guidance_scale  # command line: the string "inf"
+    assert yaml_value == float("inf") and cli_value == "inf"
+    assert _guidance(threestudio, tiny_sd, guidance_scale=cli_value).cfg.guidance_scale == float("inf")
+    lat = torch.randn(2, 8, 8, 4, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for s in (yaml_value, 1e12):
+        g = _guidance(threestudio, tiny_sd, guidance_scale=s, aux_update=False)
+        assert g.cfg.guidance_scale == s
+        torch.manual_seed(3)
+        x = lat.clone().requires_grad_(True)
+        out = g(x, prompt_utils, *VIEW, rgb_as_latents=True)
+        out["loss_sds"].backward()
+        grads[s] = x.grad
+    assert torch.isfinite(grads[float("inf")]).all() and grads[float("inf")].abs().sum() > 0
+    torch.testing.assert_close(grads[float("inf")], grads[1e12], rtol=1e-5, atol=1e-7)
+
+
+def test_cfg_infinity_still_refused_by_guidances_without_the_limit(threestudio_module, monkeypatch):
+    import diffusers
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded before validation")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", boom)
+    for name in ("hifa-guidance", "vdm-guidance"):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number > 0"):
+            threestudio_module.find(name)(
+                dict(pretrained_model_name_or_path="/nonexistent", half_precision_weights=False, guidance_scale=float("inf"))
+            )
+    with pytest.raises(ValueError, match="guidance_scale"):
+        threestudio_module.find("lods-guidance")(
+            dict(pretrained_model_name_or_path="/nonexistent", half_precision_weights=False, guidance_scale=float("nan"))
+        )

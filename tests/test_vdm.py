@@ -148,8 +148,12 @@ def test_weightings():
 
 
 # ----------------------------------------------------------------------------- Eq. 19
-@pytest.mark.parametrize("operator_input,cfg_form", [("cfg", "standard"), ("cond", "standard"), ("cfg", "paper")])
-def test_gradient_equals_eq19_independently_computed(operator_input, cfg_form):
+@pytest.mark.parametrize(
+    "operator_input,cfg_form,x_t_jacobian",
+    [("cfg", "standard", "dropped"), ("cond", "standard", "dropped"), ("cfg", "paper", "dropped"),
+     ("cfg", "standard", "sqrt_alpha_bar")],
+)
+def test_gradient_equals_eq19_independently_computed(operator_input, cfg_form, x_t_jacobian):
     abar = sd_abar()
     eps_net = CountingEps()
     mapping = small_mapping()
@@ -163,7 +167,7 @@ def test_gradient_equals_eq19_independently_computed(operator_input, cfg_form):
     psi_before = copy.deepcopy(mapping.model)
 
     out = vdm_step(eps_net, latents, t, cond, uncond, abar.float(), mapping, guidance_scale=s,
-                   operator_input=operator_input, cfg_form=cfg_form, noise=noise)
+                   operator_input=operator_input, cfg_form=cfg_form, noise=noise, x_t_jacobian=x_t_jacobian)
 
     # independent computation in float64 where possible
     a = abar[t].view(-1, 1, 1, 1)
@@ -177,6 +181,8 @@ def test_gradient_equals_eq19_independently_computed(operator_input, cfg_form):
         m_out = psi_before(m_in)  # ψ before this step's update (Alg. 1)
     lam = torch.where(t.view(-1, 1, 1, 1) <= 300, 1 - a, torch.ones_like(a))
     w = 1 - a
+    if x_t_jacobian == "sqrt_alpha_bar":  # Eq. 19 literally: ∂x_t/∂θ = sqrt(ᾱ_t) ∂x/∂θ
+        w = w * a.sqrt()
     expected = (w * (e_cfg.double() - lam * m_out.double())).float()
     assert torch.allclose(out["grad"], expected, atol=1e-4, rtol=1e-4)
     assert torch.allclose(out["lambda_t"].double(), lam.reshape(-1), atol=1e-6)
@@ -262,6 +268,8 @@ def test_clear_config_errors():
         validate_vdm_config(weighting_strategy="sqrt")
     with pytest.raises(ValueError, match="guidance_scale"):
         validate_vdm_config(guidance_scale=-1)
+    with pytest.raises(ValueError, match="x_t_jacobian must be one of"):
+        validate_vdm_config(x_t_jacobian="sqrt_alpha")
     with pytest.raises(ValueError, match="shape"):
         operator_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3))
 

@@ -36,14 +36,17 @@ def test_defaults_are_the_papers(env, tiny_sd):
     assert g.cfg.guidance_scale == 7.5 and g.cfg.dca_cutoff == 300 and g.cfg.operator_lr == 0.01
     assert (g.min_step, g.max_step) == (0, 999)  # t ~ U(0, 1000)
     assert g.cfg.operator_input == "cfg" and g.cfg.operator_type == "ulite"
+    assert g.cfg.cfg_form == "standard" and g.cfg.x_t_jacobian == "dropped"  # docs/vdm.md "Three choices"
     assert sum(p.numel() for p in g.parameters()) == 879_252
     assert all(not p.requires_grad for p in g.unet.parameters())
 
 
-@pytest.mark.parametrize("operator_input", ["cfg", "cond"])
-def test_gradient_is_eq19_one_cfg_unet_call_no_unet_grad(env, tiny_sd, operator_input):
+@pytest.mark.parametrize("operator_input,x_t_jacobian", [("cfg", "dropped"), ("cond", "dropped"), ("cfg", "sqrt_alpha_bar")])
+def test_gradient_is_eq19_one_cfg_unet_call_no_unet_grad(env, tiny_sd, operator_input, x_t_jacobian):
     threestudio, prompt_utils = env
-    g = threestudio.find("vdm-guidance")(_cfg(tiny_sd, operator_input=operator_input, operator_widths=[8, 16, 32]))
+    g = threestudio.find("vdm-guidance")(
+        _cfg(tiny_sd, operator_input=operator_input, operator_widths=[8, 16, 32], x_t_jacobian=x_t_jacobian)
+    )
     B = 2
     t = torch.tensor([120, 700])
     g.sample_timesteps = lambda batch_size, generator=None: t  # fixed timesteps on both sides of the cut-off
@@ -73,7 +76,8 @@ def test_gradient_is_eq19_one_cfg_unet_call_no_unet_grad(env, tiny_sd, operator_
         e_cfg = e_u + 7.5 * (e_c - e_u)
         m = psi_before(e_cfg if operator_input == "cfg" else e_c)
     lam = torch.where(t.view(-1, 1, 1, 1) <= 300, 1 - abar, torch.ones_like(abar))
-    expected = ((1 - abar) * (e_cfg.double() - lam * m.double())).float()
+    jac = abar.sqrt() if x_t_jacobian == "sqrt_alpha_bar" else 1.0  # ∂x_t/∂x of Eq. 19, kept or dropped
+    expected = (jac * (1 - abar) * (e_cfg.double() - lam * m.double())).float()
     assert torch.allclose(lat.grad.permute(0, 3, 1, 2) * B, expected, atol=1e-4, rtol=1e-4)
     assert float(out["vdm_lambda"]) == pytest.approx(float(lam.mean()), rel=1e-5)
 
@@ -91,6 +95,7 @@ def test_config_errors_before_loading(env):
         (dict(operator_widths=[8]), "operator_widths"),
         (dict(operator_latent_size=0), "operator_latent_size"),
         (dict(guidance_scale=0.0), "guidance_scale"),
+        (dict(x_t_jacobian="alpha"), "x_t_jacobian"),
     ]:
         with pytest.raises(ValueError, match=name):
             threestudio.find("vdm-guidance")(dict(pretrained_model_name_or_path=bad, **kw))

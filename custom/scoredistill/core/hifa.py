@@ -435,10 +435,41 @@ def sample_pdf(
 # ----------------------------------------------------------------------------------------------
 
 DISPARITY_LOSSES = ("fit", "pearson")
-#: per-image reduction of the squared fit residual: "mean" over the masked pixels (default) or "sum"
-#: (a squared norm like Eq. 4's terms; close to the reference code's ``mean · 256²`` scaling)
-DISPARITY_REDUCTIONS = ("mean", "sum")
+#: per-image reduction of the squared fit residual: "mean" over the masked pixels, "sum" (a squared norm
+#: like Eq. 4's terms) or "reference" (HiFA's reference code: the mean times the fixed factor
+#: :data:`REFERENCE_DISPARITY_SCALE`)
+DISPARITY_REDUCTIONS = ("mean", "sum", "reference")
 DISPARITY_SCHEDULES = ("constant", "anneal", "quadratic")
+#: HiFA's reference code's fit-loss factor ``256² · w / 2`` with its constant SDS weight ``w = 0.05``
+#: (``lambda_depthreg * mean(error²) / 2 * w * (256 * 256)``); its SDS+ terms carry the same ``w / 2``,
+#: which the pack's configs put into ``lambda_sds`` = 0.05 with ``weighting_strategy: constant`` (ω = 1/2)
+REFERENCE_DISPARITY_SCALE = 256.0 * 256.0 * 0.05 / 2.0
+
+#: ``PIL.Image.Resampling`` codes (the ``resample`` of a ``DPTImageProcessor`` config) -> torch modes;
+#: PIL resamples with a support widened by the downscale factor, i.e. antialiased (``antialias=True``)
+PIL_RESAMPLE_TO_TORCH = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+
+
+def dpt_resize_output_size(
+    in_size: Tuple[int, int], size: Tuple[int, int], keep_aspect_ratio: bool = False, ensure_multiple_of: int = 1
+) -> Tuple[int, int]:
+    """Output ``(height, width)`` of DPT's resize (``DPTImageProcessor``'s ``get_resize_output_image_size``):
+    without ``keep_aspect_ratio`` the target ``size``; with it the scale closest to 1 of the two is used for
+    both sides; each side rounded to a multiple of ``ensure_multiple_of``."""
+    (in_h, in_w), (out_h, out_w) = in_size, size
+    m = max(int(ensure_multiple_of), 1)
+
+    def constrain(v: float) -> int:
+        x = round(v / m) * m
+        return int(max(x, m))
+
+    sh, sw = out_h / in_h, out_w / in_w
+    if keep_aspect_ratio:
+        if abs(1 - sw) < abs(1 - sh):
+            sh = sw
+        else:
+            sw = sh
+    return constrain(sh * in_h), constrain(sw * in_w)
 
 
 def dpt_preprocess(
@@ -446,16 +477,86 @@ def dpt_preprocess(
     size: Tuple[int, int],
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    resample: int = 2,
+    antialias: bool = True,
+    keep_aspect_ratio: bool = False,
+    ensure_multiple_of: int = 1,
+    do_normalize: bool = True,
 ) -> torch.Tensor:
-    """DPT input from rendered images: ``(B, 3, H, W)`` in [0, 1] -> resized (bicubic) and normalised.
+    """DPT input from rendered images ``(B, 3, H, W)`` in [0, 1], with ``DPTImageProcessor``'s semantics
+    (resize to ``size`` with the config's ``resample``, ``keep_aspect_ratio``, ``ensure_multiple_of``; rescale;
+    normalise with ``image_mean`` / ``image_std``) but in torch, on the images' device, without the uint8
+    round trip.  ``resample`` is a PIL code (:data:`PIL_RESAMPLE_TO_TORCH`: 0 nearest, 2 bilinear -- the DPT
+    checkpoints' configs --, 3 bicubic); PIL's resize is antialiased when it downscales, so is this one
+    (``antialias=True``); PIL's bicubic output is clipped to the pixel range, so is this one.
+    Against ``DPTImageProcessor`` on a uint8 image (the test ``test_dpt_preprocess_matches_dpt_image_processor``):
+    max difference 2/255 ≈ 0.0078 (normalised units, std 0.5) with bilinear, i.e. PIL's uint8 rounding of its
+    output; about 0.01 (≤ 0.02) with bicubic (PIL rounds between its two passes).
 
-    Equivalent to ``DPTImageProcessor`` (resize without aspect ratio, rescale, normalise) but in torch,
-    on the images' device, without the uint8 round trip.
+    Raises:
+        ValueError: a ``resample`` code torch has no counterpart for (1 Lanczos, 4 box, 5 Hamming).
     """
-    x = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False)
+    if int(resample) not in PIL_RESAMPLE_TO_TORCH:
+        raise ValueError(
+            f"DPT resample must be one of the PIL codes {sorted(PIL_RESAMPLE_TO_TORCH)} (nearest, bilinear, bicubic), got {resample!r}"
+        )
+    mode = PIL_RESAMPLE_TO_TORCH[int(resample)]
+    out_size = dpt_resize_output_size(tuple(images.shape[-2:]), tuple(size), keep_aspect_ratio, ensure_multiple_of)
+    if mode == "nearest-exact":
+        x = F.interpolate(images, size=out_size, mode=mode)
+    else:
+        x = F.interpolate(images, size=out_size, mode=mode, align_corners=False, antialias=antialias)
+        if mode == "bicubic":
+            x = x.clamp(0.0, 1.0)
+    if not do_normalize:
+        return x
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def dpt_processor_settings(processor, image_size: Optional[int] = None) -> Dict[str, object]:
+    """The :func:`dpt_preprocess` keyword arguments of a ``DPTImageProcessor`` (as loaded by
+    ``DPTImageProcessor.from_pretrained`` from a checkpoint's ``preprocessor_config.json``): ``size``,
+    ``resample``, ``keep_aspect_ratio``, ``ensure_multiple_of``, ``image_mean``/``image_std``,
+    ``do_normalize``.  ``image_size`` overrides the size (square).
+
+    Raises:
+        ValueError: the processor resizes with a mode torch lacks, or does not resize / rescale by 1/255
+            (the renders are already in [0, 1]; a processor without those steps is not DPT's).
+    """
+    size = getattr(processor, "size", None)
+    if size is not None and not isinstance(size, (dict, int, float)):  # transformers >= 5: SizeDict
+        size = {k: getattr(size, k) for k in ("height", "width", "shortest_edge") if getattr(size, k, None) is not None}
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            size = (int(size["height"]), int(size["width"]))
+        elif "shortest_edge" in size:
+            size = (int(size["shortest_edge"]),) * 2
+        else:
+            raise ValueError(f"DPT processor size {size!r} has no height/width")
+    elif isinstance(size, (int, float)):
+        size = (int(size), int(size))
+    if image_size is not None:
+        size = (int(image_size), int(image_size))
+    if not getattr(processor, "do_resize", True) and image_size is None:
+        raise ValueError("the DPT processor does not resize (do_resize: false); set system.disparity_image_size")
+    rf = getattr(processor, "rescale_factor", 1 / 255)
+    if getattr(processor, "do_rescale", True) and abs(float(rf) - 1 / 255) > 1e-9:
+        raise ValueError(f"the DPT processor rescales by {rf}, not 1/255: renders in [0, 1] cannot be fed as it expects")
+    resample = getattr(processor, "resample", 2)
+    resample = int(getattr(resample, "value", resample))
+    if resample not in PIL_RESAMPLE_TO_TORCH:
+        raise ValueError(f"DPT processor resample {resample} has no torch counterpart; allowed {sorted(PIL_RESAMPLE_TO_TORCH)}")
+    return dict(
+        size=size,
+        mean=tuple(float(v) for v in getattr(processor, "image_mean", (0.5, 0.5, 0.5))),
+        std=tuple(float(v) for v in getattr(processor, "image_std", (0.5, 0.5, 0.5))),
+        resample=resample,
+        keep_aspect_ratio=bool(getattr(processor, "keep_aspect_ratio", False)),
+        ensure_multiple_of=int(getattr(processor, "ensure_multiple_of", 1) or 1),
+        do_normalize=bool(getattr(processor, "do_normalize", True)),
+    )
 
 
 def _normalise(v: torch.Tensor) -> torch.Tensor:
@@ -471,14 +572,21 @@ def disparity_fit_loss(
     standard deviation over the mask, ``d̃``; the rendered disparity is centred, ``p = d - mean(d)``,
     and fitted with the least-squares scale ``s = Σ p d̃ / Σ p²`` (not detached, as in HiFA's reference
     code).  Loss per image: ``mean((s p - d̃)²)`` over the masked pixels (``reduction="mean"``) or
-    ``Σ (s p - d̃)²`` (``"sum"``); the result is the mean over images with at least 2 masked pixels.
+    ``Σ (s p - d̃)²`` (``"sum"``) or the reference code's ``mean · 256² · 0.05 / 2`` (``"reference"``,
+    :data:`REFERENCE_DISPARITY_SCALE`); the result is the mean over images with at least 2 masked pixels.
+
+    Sign blindness: with ``d̃`` normalised by its (unbiased) std, the minimised residual is
+    ``mean = (1 - 1/n)(1 - ρ²)``, ρ the Pearson correlation of ``d`` and the prediction on the mask, so a
+    relief and its inverse (``-d``) give the same loss (``s`` turns negative); the Pearson variant
+    ``1 - ρ`` tells them apart.
 
     The paper gives λ_d = 0.1 but not the loss's normalisation.  ``"mean"`` makes the term independent of
     the render size.  HiFA's reference code multiplies the mean by ``256² · w / 2``, ``w`` = 0.05 being the
     same factor ``w / 2`` its SDS+ terms ``Σ(z − ẑ)² · w / 2`` carry, so relative to SDS+ its disparity term
-    is scaled like a per-image squared norm (Σ ≈ 256² · mean at 512² with ~¼ of the pixels masked):
-    ``"sum"`` gives that relative scale (up to ω(t), see :func:`omega_weight`); with ``"mean"`` the term is
-    about 256² times weaker relative to SDS+.
+    is scaled like a per-image squared norm (Σ ≈ 256² · mean at 512² with ~¼ of the pixels masked).
+    ``"reference"`` reproduces it exactly with ``configs/hifa.yaml``'s SDS+ weighting (constant ω = 1/2,
+    ``lambda_sds`` = w = 0.05; measured in ``tests/test_hifa_faithful.py``); ``"sum"`` approximately; with
+    ``"mean"`` and ω = w(t) α_t/(2σ_t) the term acts ~10⁴ times weaker relative to SDS+.
 
     Args:
         rendered_disparity, predicted_disparity: ``(B, H, W)``; mask: ``(B, H, W)`` bool.
@@ -506,7 +614,10 @@ def disparity_fit_loss(
         p = d - d.mean()
         s = (p * target).sum() / (p ** 2).sum().clamp(min=1e-12)
         sq = (s * p - target) ** 2
-        losses.append(sq.mean() if reduction == "mean" else sq.sum())
+        if reduction == "sum":
+            losses.append(sq.sum())
+        else:
+            losses.append(sq.mean() * (REFERENCE_DISPARITY_SCALE if reduction == "reference" else 1.0))
         scales.append(s.detach())
         shifts.append((-s * d.mean()).detach())
     loss = torch.stack(losses).mean() if losses else rendered_disparity.sum() * 0.0

@@ -131,6 +131,9 @@ class ScoreDistillationGuidance(BaseObject):
     #: the ``weighting_strategy`` values :meth:`validate_config` accepts (subclasses may extend it, e.g.
     #: ``vdm-guidance`` adds ``"luciddreamer"``; see :func:`scoredistill.core.diffusion.sds_weight`)
     weighting_strategies: Tuple[str, ...] = WEIGHTING_STRATEGIES
+    #: whether ``guidance_scale: .inf`` is accepted (a guidance whose maths has the s → ∞ limit, e.g.
+    #: ``lods-guidance``'s 2D setting, paper A.1); the base's own CFG combination never sees it then
+    allows_infinite_guidance_scale: bool = False
 
     # ------------------------------------------------------------------ configuration
     def validate_config(self) -> None:
@@ -139,8 +142,10 @@ class ScoreDistillationGuidance(BaseObject):
         if not cfg.pretrained_model_name_or_path:
             raise ValueError("pretrained_model_name_or_path must be a non-empty hub id or folder")
         gs = cfg.guidance_scale
-        if not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs <= 0:
-            raise ValueError(f"guidance_scale must be a finite number > 0, got {gs!r}")
+        inf_ok = self.allows_infinite_guidance_scale and isinstance(gs, (int, float)) and gs == math.inf
+        if not inf_ok and (not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs <= 0):
+            allowed = "a finite number > 0 or inf" if self.allows_infinite_guidance_scale else "a finite number > 0"
+            raise ValueError(f"guidance_scale must be {allowed}, got {gs!r}")
         if cfg.weighting_strategy not in self.weighting_strategies:
             raise ValueError(
                 f"weighting_strategy must be one of {self.weighting_strategies}, got {cfg.weighting_strategy!r}"

@@ -55,10 +55,15 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
     """LODS guidance (paper Algorithms 2 and 3); see the module docstring and ``docs/lods.md``."""
 
     checkpoint_state_key = "lods-guidance"
+    #: ``guidance_scale: .inf`` is the paper's 2D setting (A.1, "CFG infinity"): Eq. 7/9 in the limit
+    #: ``w(t)·(ε(y) − ε_learn)`` (:func:`scoredistill.guidance.lods.normalized_sds_grad`); this guidance never
+    #: uses the base's CFG combination, so the base's finite-scale check is relaxed for it
+    allows_infinite_guidance_scale = True
 
     @dataclass
     class Config(CheckpointedScoreDistillationGuidance.Config):
-        #: s of Eq. 7/9 (paper A.1: 1000 for NeRF text-to-3D; image-to-3D 100); must be > 0
+        #: s of Eq. 7/9 (paper A.1: 1000 for NeRF text-to-3D; image-to-3D 100; 2D: infinity, ``.inf`` in YAML,
+        #: ``inf`` on the command line); must be > 0
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE
         #: reference schedule: 0.98 until step 5000, then 0.5 (threestudio C() list)
         max_step_percent: Any = field(default_factory=lambda: [5000, 0.98, 0.5, 5001])

@@ -81,6 +81,9 @@ OPERATOR_TYPES = ("ulite", "linear")
 OPERATOR_INPUTS = ("cfg", "cond")
 #: classifier-free guidance conventions
 CFG_FORMS = ("standard", "paper")
+#: the ∂x_t/∂x = sqrt(ᾱ_t) factor of Eq. 19's ∂x_t/∂θ: "dropped" (default, as SDS practice and the paper's own
+#: Eq. 8-9, which write ∂x/∂θ) | "sqrt_alpha_bar" (Eq. 19 taken literally: the gradient times sqrt(ᾱ_t))
+X_T_JACOBIANS = ("dropped", "sqrt_alpha_bar")
 #: ω(t) choices: DreamFusion's 1−ᾱ_t, uniform, Fantasia3D's sqrt(ᾱ)(1−ᾱ), LucidDreamer's sqrt((1−ᾱ)/ᾱ)
 VDM_WEIGHTINGS = WEIGHTING_STRATEGIES + ("luciddreamer",)
 #: optimizers for ψ
@@ -519,8 +522,11 @@ def validate_vdm_config(
     dca_cutoff: int = DEFAULT_DCA_CUTOFF,
     weighting_strategy: str = "sds",
     num_train_timesteps: int = 1000,
+    x_t_jacobian: str = "dropped",
 ) -> None:
     """Check the VDM settings; raises ``ValueError`` naming the setting and its allowed values."""
+    if x_t_jacobian not in X_T_JACOBIANS:
+        raise ValueError(f"x_t_jacobian must be one of {X_T_JACOBIANS}, got {x_t_jacobian!r}")
     if operator_input not in OPERATOR_INPUTS:
         raise ValueError(f"operator_input must be one of {OPERATOR_INPUTS}, got {operator_input!r}")
     if cfg_form not in CFG_FORMS:
@@ -547,8 +553,14 @@ def vdm_update(
     weighting_strategy: str = "sds",
     train_operator: bool = True,
     refresh_after_update: bool = False,
+    x_t_jacobian: str = "dropped",
 ) -> Dict[str, torch.Tensor]:
     """The VDM part of a step, given this step's noise predictions (Alg. 1 lines 7-13).
+
+    ``x_t_jacobian``: Eq. 19 multiplies by ∂x_t/∂θ = sqrt(ᾱ_t) ∂x/∂θ; ``"dropped"`` (default) omits the
+    sqrt(ᾱ_t), as DreamFusion's SDS and the paper's own Eq. 8-9 (∂x/∂θ) do -- it is a t-dependent scale that
+    ω(t) can absorb, and keeping it would make VDM's weighting differ from the SDS it is compared with at the
+    same ω; ``"sqrt_alpha_bar"`` keeps it (Eq. 19 literally).
 
     Args:
         noise_pred: ``(B, C, H, W)`` guided prediction ε_φ(x_t, t, y) (CFG; Eq. 19's first term).
@@ -575,8 +587,13 @@ def vdm_update(
         with torch.no_grad():
             op_out = mapping(op_in).detach()
             loss_op = operator_loss(op_out.float(), noise.float())
+    if x_t_jacobian not in X_T_JACOBIANS:
+        raise ValueError(f"x_t_jacobian must be one of {X_T_JACOBIANS}, got {x_t_jacobian!r}")
     lam = dca_lambda(alphas_cumprod, t, dca_cutoff, dca, dca_inclusive, like=noise_pred)
     w = vdm_weight(alphas_cumprod, t, weighting_strategy, like=noise_pred)
+    if x_t_jacobian == "sqrt_alpha_bar":
+        a = alphas_cumprod.to(noise_pred.device, torch.float32)[torch.as_tensor(t, device=noise_pred.device).long().reshape(-1)]
+        w = w * a.sqrt().reshape(w.shape).to(w.dtype)
     return {
         "grad": vdm_grad(noise_pred, op_out, lam, w),
         "loss_op": loss_op,
@@ -604,6 +621,7 @@ def vdm_step(
     noise: Optional[torch.Tensor] = None,
     train_operator: bool = True,
     refresh_after_update: bool = False,
+    x_t_jacobian: str = "dropped",
 ) -> Dict[str, torch.Tensor]:
     """One VDM + DCA step (Alg. 1 lines 5-13): noise, one CFG UNet call, operator update, θ gradient.
 
@@ -622,7 +640,7 @@ def vdm_step(
     Raises:
         ValueError: a bad setting (:func:`validate_vdm_config`).
     """
-    validate_vdm_config(guidance_scale, operator_input, cfg_form, dca_cutoff, weighting_strategy, alphas_cumprod.shape[0])
+    validate_vdm_config(guidance_scale, operator_input, cfg_form, dca_cutoff, weighting_strategy, alphas_cumprod.shape[0], x_t_jacobian)
     latents = latents.detach()
     if noise is None:
         noise = torch.randn_like(latents)
@@ -634,6 +652,6 @@ def vdm_step(
         e_c, e_u = (e.detach() for e in predict_cond_uncond(eps_fn, x_t, t, cond, uncond))
         e_cfg = guided_noise(e_c, e_u, guidance_scale, cfg_form)
     out = vdm_update(e_cfg, e_c, noise, t, alphas_cumprod, mapping, operator_input, dca, dca_cutoff,
-                     dca_inclusive, weighting_strategy, train_operator, refresh_after_update)
+                     dca_inclusive, weighting_strategy, train_operator, refresh_after_update, x_t_jacobian)
     out.update(noise=noise, noise_pred=e_cfg, noise_pred_cond=e_c, noise_pred_uncond=e_u, timesteps=t)
     return out

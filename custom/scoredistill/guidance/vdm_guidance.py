@@ -90,6 +90,8 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
         dca: bool = True
         dca_cutoff: int = DEFAULT_DCA_CUTOFF
         dca_inclusive: bool = True
+        #: Eq. 19's ∂x_t/∂θ = sqrt(ᾱ_t)·∂x/∂θ: "dropped" (SDS practice, the paper's Eq. 8-9) | "sqrt_alpha_bar"
+        x_t_jacobian: str = "dropped"
 
     cfg: Config
 
@@ -97,7 +99,9 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
     def validate_config(self) -> None:
         super().validate_config()
         c = self.cfg
-        validate_vdm_config(c.guidance_scale, c.operator_input, c.cfg_form, c.dca_cutoff, c.weighting_strategy)
+        validate_vdm_config(
+            c.guidance_scale, c.operator_input, c.cfg_form, c.dca_cutoff, c.weighting_strategy, x_t_jacobian=c.x_t_jacobian
+        )
         validate_operator_config(
             operator_type=c.operator_type,
             operator_lr=c.operator_lr,
@@ -162,6 +166,7 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             weighting_strategy=c.weighting_strategy,
             train_operator=True,
             refresh_after_update=c.refresh_operator_after_update,
+            x_t_jacobian=c.x_t_jacobian,
         )
         return {
             "grad": out["grad"],

@@ -17,8 +17,9 @@ smoothing → ``N_f`` fine samples by inverse CDF; the union (``N_c + N_f`` poin
 each point owning the interval between the midpoints to its neighbours.
 
 Outputs are named like threestudio's ``nerf-volume-renderer``: ``comp_rgb``, ``comp_rgb_fg``,
-``comp_rgb_bg``, ``opacity``, ``depth``, ``z_variance`` (HiFA Eq. 7 masked at opacity > 0.5),
-``comp_normal`` (if the geometry outputs normals), and in training the per-point ``weights``,
+``comp_rgb_bg``, ``opacity``, ``depth``, ``z_variance`` (HiFA Eq. 7 masked at opacity > 0.5, threestudio's
+convention for its systems), ``z_variance_unmasked`` (Eq. 7 on every ray: ``hifa-system`` applies its own
+mask to it, once), ``comp_normal`` (if the geometry outputs normals), and in training the per-point ``weights``,
 ``t_points``, ``t_intervals``, ``t_dirs``, ``ray_indices``, ``points`` and geometry outputs
 (flattened, ``(n_rays · n_samples, ·)``), so threestudio's systems' regularisers work unchanged.
 """
@@ -71,7 +72,8 @@ class KernelSmoothedVolumeRenderer(VolumeRenderer):
         far_plane: float = 1e10
         #: rays per chunk in evaluation (training renders all rays at once)
         eval_chunk_size: int = 8192
-        #: z-variance output masked where opacity > this (HiFA Eq. 8 δ_r)
+        #: the ``z_variance`` output is masked where opacity > this (threestudio's systems read it);
+        #: ``hifa-system`` masks ``z_variance_unmasked`` itself with system.z_variance_opacity_threshold
         z_variance_opacity_threshold: float = 0.5
         return_comp_normal: bool = False
         return_normal_perturb: bool = False
@@ -174,6 +176,7 @@ class KernelSmoothedVolumeRenderer(VolumeRenderer):
             "opacity": opacity[:, None],
             "depth": (weights * t).sum(1, keepdim=True),
             "z_variance": (z_var * (opacity > self.cfg.z_variance_opacity_threshold).to(z_var.dtype))[:, None],
+            "z_variance_unmasked": z_var[:, None],
         }
         if "normal" in geo:
             n = F.normalize((weights[..., None] * geo["normal"]).sum(1), dim=-1)
@@ -226,11 +229,12 @@ class KernelSmoothedVolumeRenderer(VolumeRenderer):
             "opacity": opacity.view(B, H, W, 1),
             "depth": ray_out["depth"].view(B, H, W, 1),
             "z_variance": ray_out["z_variance"].view(B, H, W, 1),
+            "z_variance_unmasked": ray_out["z_variance_unmasked"].view(B, H, W, 1),
         }
         if "comp_normal" in ray_out and (self.cfg.return_comp_normal or not self.training):
             out["comp_normal"] = ray_out["comp_normal"].view(B, H, W, 3)
         if self.training:
-            per_ray = {"comp_rgb_fg", "opacity", "depth", "z_variance", "comp_normal"}
+            per_ray = {"comp_rgb_fg", "opacity", "depth", "z_variance", "z_variance_unmasked", "comp_normal"}
             out.update({k: v for k, v in ray_out.items() if k not in per_ray})
         return out
 

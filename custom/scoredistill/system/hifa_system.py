@@ -16,22 +16,26 @@ Total loss (Eq. 9 plus the disparity term of A.1)::
   ``t = t_max - (t_max - t_min)·p(step)``, ``p`` = sqrt / linear / cosine / random
   (``timestep_annealing``; ``none`` leaves the guidance's own sampling alone).  Works with every guidance
   exposing threestudio's ``min_step``/``max_step`` attributes.
-* **z-variance** from the renderer's ``z_variance``/``opacity`` outputs (``kernel-smoothed-volume-renderer``
-  or threestudio's ``nerf-volume-renderer``), δ_r = 1[opacity > 0.5], reduction ``z_variance_reduction``.
+* **z-variance** from the renderer's ``z_variance_unmasked`` (``kernel-smoothed-volume-renderer``) or masked
+  ``z_variance`` (threestudio's ``nerf-volume-renderer``, thresholds >= 0.5 only) and ``opacity``, the mask
+  δ_r = 1[opacity > z_variance_opacity_threshold] applied once (:meth:`HiFASystem.z_variance_term`), reduction
+  ``z_variance_reduction`` (``configs/hifa.yaml``: ``sum``, the reference code's).
 * **Disparity**: ``transformers.DPTForDepthEstimation.from_pretrained(disparity_model_name_or_path)`` predicts
-  relative disparity from the (detached) render, normalised in torch (mean/std/size read from the
-  checkpoint's ``preprocessor_config.json`` if present); the rendered disparity ``opacity / depth`` is fitted
-  on pixels with opacity > 0.5 (:func:`scoredistill.core.hifa.disparity_fit_loss`, per-image ``mean`` or
-  ``sum`` of the squared residual by ``disparity_reduction``, or the Pearson variant);
-  ``λ_d`` follows ``disparity_schedule`` (``anneal``: ``λ_d (1 - p)``, reference default).
+  relative disparity from the (detached) render; the input follows the checkpoint's own processor
+  (``DPTImageProcessor.from_pretrained``: size, resample, keep_aspect_ratio, ensure_multiple_of, mean/std),
+  applied in torch (:func:`scoredistill.core.hifa.dpt_preprocess`); the rendered disparity ``opacity / depth``
+  is fitted on pixels with opacity > 0.5 (:func:`scoredistill.core.hifa.disparity_fit_loss`, per-image
+  ``mean``, ``sum`` or ``reference`` (mean · 256² · 0.05/2) of the squared residual by ``disparity_reduction``,
+  or the Pearson variant); ``λ_d`` follows ``disparity_schedule`` (``anneal``: ``λ_d (1 - p)``, reference
+  default).
+* Relative strengths: ``configs/hifa.yaml`` sets those of HiFA's reference code (constant SDS weight, sums);
+  the literal reading is a set of overrides (``docs/hifa.md``, "Regulariser strengths").
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +59,7 @@ from ..core.hifa import (
     disparity_lambda,
     disparity_pearson_loss,
     dpt_preprocess,
+    dpt_processor_settings,
     z_variance_loss_from_maps,
 )
 
@@ -83,6 +88,9 @@ class HiFASystem(DreamFusion):
         #: t_min, t_max of Eq. 5 as fractions of T (reference code: 0.3, 0.98)
         anneal_min_step_percent: float = 0.3
         anneal_max_step_percent: float = 0.98
+        #: t range of the ``random`` ablation (Fig. 7: "the random sampling adopted in prior works", i.e.
+        #: DreamFusion's t ~ U[0.02 T, 0.98 T]; HiFA's reference code: ``t = 20 + 960 U``)
+        random_step_percent_range: List[float] = field(default_factory=lambda: [0.02, 0.98])
         #: total_iter of Eq. 5 (set to ${trainer.max_steps})
         anneal_total_steps: int = 10000
         #: switch threestudio's stable-diffusion-guidance image-space term (use_img_loss) on
@@ -94,7 +102,8 @@ class HiFASystem(DreamFusion):
         disparity_model_name_or_path: str = "Intel/dpt-hybrid-midas"
         #: "fit" (least-squares scale on normalised disparity) | "pearson"
         disparity_loss: str = "fit"
-        #: "fit" residual per image: "mean" over the masked pixels | "sum" (the reference code's relative scale)
+        #: "fit" residual per image: "mean" over the masked pixels | "sum" | "reference" (mean · 256² · 0.05/2,
+        #: the reference code's; hifa.yaml)
         disparity_reduction: str = "mean"
         #: "anneal" (λ_d (1-p)) | "constant" | "quadratic" (4 λ_d p (1-p)); p = the annealing progress
         disparity_schedule: str = "anneal"
@@ -115,6 +124,11 @@ class HiFASystem(DreamFusion):
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError(
                 f"system.anneal_min_step_percent / anneal_max_step_percent must satisfy 0 <= min <= max <= 1, got {lo}, {hi}"
+            )
+        rr = list(cfg.random_step_percent_range)
+        if len(rr) != 2 or not (0.0 <= rr[0] <= rr[1] <= 1.0):
+            raise ValueError(
+                f"system.random_step_percent_range must be [min, max] with 0 <= min <= max <= 1, got {rr}"
             )
         if not isinstance(cfg.anneal_total_steps, int) or cfg.anneal_total_steps < 1:
             raise ValueError(f"system.anneal_total_steps must be an integer >= 1, got {cfg.anneal_total_steps!r}")
@@ -174,28 +188,31 @@ class HiFASystem(DreamFusion):
         dpt = DPTForDepthEstimation.from_pretrained(path).to(self.device).eval()
         for p in dpt.parameters():
             p.requires_grad_(False)
-        mean, std, size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None
-        try:
-            from transformers.utils import cached_file
-
-            pp = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else cached_file(path, "preprocessor_config.json")
-            if pp and os.path.exists(pp):
-                with open(pp) as f:
-                    pc = json.load(f)
-                mean = tuple(pc.get("image_mean", mean))
-                std = tuple(pc.get("image_std", std))
-                s = pc.get("size")
-                if isinstance(s, dict) and "height" in s:
-                    size = (int(s["height"]), int(s["width"]))
-        except Exception:  # no preprocessor file: keep DPT defaults
-            pass
-        if self.cfg.disparity_image_size is not None:
-            size = (self.cfg.disparity_image_size, self.cfg.disparity_image_size)
-        if size is None:
-            size = (int(dpt.config.image_size), int(dpt.config.image_size))
         # not an nn.Module attribute: stays out of the system's state dict and optimizer
         self.__dict__["dpt"] = dpt
-        self._dpt_norm = (mean, std, size)
+        self._dpt_input = self.dpt_input_settings(path, int(dpt.config.image_size), self.cfg.disparity_image_size)
+
+    @staticmethod
+    def dpt_input_settings(path: str, model_image_size: int, image_size: Optional[int] = None) -> dict:
+        """:func:`scoredistill.core.hifa.dpt_preprocess` settings from the checkpoint's own processor config
+        (``DPTImageProcessor.from_pretrained``: size, resample, keep_aspect_ratio, ensure_multiple_of,
+        mean/std).  A checkpoint without ``preprocessor_config.json`` gets DPT's published settings at the
+        model's ``image_size``: bilinear (resample 2), mean = std = 0.5 (a warning says so)."""
+        import warnings
+
+        from transformers import DPTImageProcessor
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                processor = DPTImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            threestudio.warn(
+                f"{path} has no readable preprocessor_config.json ({type(e).__name__}); DPT input: "
+                f"{model_image_size}², bilinear, mean = std = 0.5"
+            )
+            processor = DPTImageProcessor(size={"height": model_image_size, "width": model_image_size}, resample=2)
+        return dpt_processor_settings(processor, image_size)
 
     # ------------------------------------------------------------------ schedules
     def annealing_progress(self, step: int) -> float:
@@ -205,8 +222,11 @@ class HiFASystem(DreamFusion):
 
     def _apply_annealing(self, step: int) -> None:
         T = int(self.guidance.num_train_timesteps)
-        t_min = min(int(T * self.cfg.anneal_min_step_percent), T - 1)
-        t_max = min(int(T * self.cfg.anneal_max_step_percent), T - 1)
+        lo, hi = self.cfg.anneal_min_step_percent, self.cfg.anneal_max_step_percent
+        if self.cfg.timestep_annealing == "random":
+            lo, hi = self.cfg.random_step_percent_range
+        t_min = min(int(T * lo), T - 1)
+        t_max = min(int(T * hi), T - 1)
         t = annealed_timestep(step, self.cfg.anneal_total_steps, t_min, t_max, self.cfg.timestep_annealing)
         self.guidance.min_step = t
         self.guidance.max_step = t
@@ -218,11 +238,10 @@ class HiFASystem(DreamFusion):
 
     # ------------------------------------------------------------------ losses
     def disparity_loss(self, out) -> torch.Tensor:
-        mean, std, size = self._dpt_norm
         rgb = out["comp_rgb"].permute(0, 3, 1, 2)
         H, W = rgb.shape[-2:]
         with torch.no_grad():
-            pix = dpt_preprocess(rgb.detach().float(), size, mean, std)
+            pix = dpt_preprocess(rgb.detach().float(), **self._dpt_input)
             pred = self.dpt(pixel_values=pix).predicted_depth
             pred = F.interpolate(pred[:, None], (H, W), mode="bicubic", align_corners=False)[:, 0]
         opacity = out["opacity"][..., 0]
@@ -232,6 +251,38 @@ class HiFASystem(DreamFusion):
         if self.cfg.disparity_loss == "fit":
             return disparity_fit_loss(disparity, pred, mask, self.cfg.disparity_reduction)["loss"]
         return disparity_pearson_loss(disparity, pred, mask)
+
+    #: opacity threshold at which renderers that only output a masked ``z_variance`` (threestudio's
+    #: ``nerf-volume-renderer``) have already masked it
+    RENDERER_ZVAR_MASK = 0.5
+
+    def z_variance_term(self, out) -> torch.Tensor:
+        """L_zvar (Eq. 8) with the mask δ_r = 1[opacity > system.z_variance_opacity_threshold] applied once.
+
+        Uses the renderer's unmasked ``z_variance_unmasked`` (``kernel-smoothed-volume-renderer``) when present;
+        a renderer with only the masked ``z_variance`` (threestudio's, masked at opacity > 0.5) is accepted for
+        thresholds >= 0.5 (re-masking at a higher threshold is the same as masking once), a lower threshold
+        is refused (the renderer's mask would silently win).
+        """
+        if "z_variance_unmasked" in out:
+            z_var = out["z_variance_unmasked"]
+        elif "z_variance" in out:
+            if self.cfg.z_variance_opacity_threshold < self.RENDERER_ZVAR_MASK:
+                raise ValueError(
+                    f"system.z_variance_opacity_threshold={self.cfg.z_variance_opacity_threshold} < "
+                    f"{self.RENDERER_ZVAR_MASK} needs a renderer with an unmasked z-variance output "
+                    "(z_variance_unmasked: kernel-smoothed-volume-renderer); this renderer's z_variance is already "
+                    f"masked at opacity > {self.RENDERER_ZVAR_MASK}"
+                )
+            z_var = out["z_variance"]
+        else:
+            raise ValueError(
+                "system.loss.lambda_z_variance > 0 needs a renderer with a z_variance output "
+                "(kernel-smoothed-volume-renderer, nerf-volume-renderer)"
+            )
+        return z_variance_loss_from_maps(
+            z_var, out["opacity"], self.cfg.z_variance_opacity_threshold, self.cfg.z_variance_reduction
+        )
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
@@ -253,15 +304,8 @@ class HiFASystem(DreamFusion):
             self._warned_no_img = True
 
         lam_z = self.C(self.cfg.loss.get("lambda_z_variance", 0.0))
-        if lam_z > 0:
-            if "z_variance" not in out:
-                raise ValueError(
-                    "system.loss.lambda_z_variance > 0 needs a renderer with a z_variance output "
-                    "(kernel-smoothed-volume-renderer, nerf-volume-renderer)"
-                )
-            loss_z = z_variance_loss_from_maps(
-                out["z_variance"], out["opacity"], self.cfg.z_variance_opacity_threshold, self.cfg.z_variance_reduction
-            )
+        if _uses(self.cfg.loss.get("lambda_z_variance", 0.0)):  # logged also while a warm-up holds λ at 0
+            loss_z = self.z_variance_term(out)
             self.log("train/loss_z_variance", loss_z)
             loss += lam_z * loss_z
 
