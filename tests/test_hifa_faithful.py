@@ -203,9 +203,11 @@ def test_disparity_reference_reduction_is_mean_times_the_reference_factor():
 def _processor(**kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from transformers import DPTImageProcessor
+        # the PIL backend explicitly: after threestudio is imported in-process, the test-only torchvision stand-in
+        # (tests/harness/stubs) would make DPTImageProcessor pick its torchvision backend
+        from transformers import DPTImageProcessorPil
 
-        return DPTImageProcessor(**kw)
+        return DPTImageProcessorPil(**kw)
 
 
 def _reference_pixels(proc, img01):
