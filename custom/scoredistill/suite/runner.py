@@ -7,6 +7,7 @@ Both paths call :func:`execute_run` for each run, which skips a finished run, re
 from __future__ import annotations
 
 import fcntl
+import math
 import json
 import os
 import shutil
@@ -264,6 +265,34 @@ class RunJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(RunJob(), run_json)
 
 
+LOCAL_PARAMS = {"timeout_min", "gpus_per_node", "visible_gpus", "tasks_per_node", "nodes", "signal_delay_s", "setup",
+                "stderr_to_stdout"}
+
+
+def make_executor(folder: str, cluster: Optional[str], params: Dict[str, Any]):
+    """A submitit executor: ``slurm`` (or ``None`` with SLURM present) through ``AutoExecutor``, ``local``
+    through ``LocalExecutor`` (which takes float ``timeout_min`` and ``signal_delay_s``), ``debug`` in-process.
+
+    ``params``: generic submitit parameters; ``slurm_*`` ones go to SLURM only, ``local_*`` ones (prefix
+    removed) to the local executor only.
+    """
+    if cluster is None:
+        cluster = submitit.AutoExecutor.which()
+    if cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        kw = {k[6:] if k.startswith("local_") else k: v for k, v in params.items() if not k.startswith("slurm_")}
+        ex.update_parameters(**{k: v for k, v in kw.items() if k in LOCAL_PARAMS})
+        return ex
+    if cluster == "debug":
+        return submitit.DebugExecutor(folder=folder)
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    kw = {k: v for k, v in params.items() if not k.startswith("local_")}
+    if "timeout_min" in kw:
+        kw["timeout_min"] = int(math.ceil(kw["timeout_min"]))
+    ex.update_parameters(**kw)
+    return ex
+
+
 def run_submitit(suite: Suite, cluster: Optional[str] = None, wait: bool = True,
                  params: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
     """Submit every unfinished run as one submitit job array (``AutoExecutor``; ``cluster``: ``slurm``,
@@ -280,14 +309,12 @@ def run_submitit(suite: Suite, cluster: Optional[str] = None, wait: bool = True,
     os.makedirs(suite.output_dir, exist_ok=True)
     write_manifest(suite, runs)
     folder = os.path.join(suite.output_dir, "submitit", "%j")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     p: Dict[str, Any] = {"gpus_per_node": 1, "tasks_per_node": 1, "nodes": 1, "timeout_min": 240,
                          "name": f"suite-{suite.name}"}
     p.update(suite.slurm)
     p.update(params or {})
-    if executor.cluster != "slurm":
-        p = {k: v for k, v in p.items() if not k.startswith("slurm_")}
-    executor.update_parameters(**p)
+    cluster = cluster or submitit.AutoExecutor.which()
+    executor = make_executor(folder, cluster, p)
     todo = []
     for r in runs:
         if is_finished(r.run_dir, r.trial_dir):
@@ -302,14 +329,14 @@ def run_submitit(suite: Suite, cluster: Optional[str] = None, wait: bool = True,
                 pass
         todo.append(r)
     log(f"[suite] {suite.name}: {len(runs)} runs, {len(runs) - len(todo)} finished or in flight, "
-        f"{len(todo)} submitted ({executor.cluster})")
+        f"{len(todo)} submitted ({cluster})")
     if not todo:
         return {r.run_id: read_state(r.run_dir) for r in runs}
     jobs = executor.map_array(RunJob(), [os.path.join(r.run_dir, "run.json") for r in todo])
     for r, j in zip(todo, jobs):
         st = read_state(r.run_dir)
         if st.get("status") not in ("running", "done", "failed"):
-            st.update(status="queued", job_id=j.job_id, cluster=executor.cluster)
+            st.update(status="queued", job_id=j.job_id, cluster=cluster)
             write_state(r.run_dir, st)
         log(f"[suite] {r.run_id}: job {j.job_id}, logs {j.paths.stdout}")
     if wait:
