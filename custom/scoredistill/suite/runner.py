@@ -28,6 +28,14 @@ from .state import (atomic_write_json, find_test_video, is_finished, read_json, 
 
 _LIVE: Dict[str, subprocess.Popen] = {}  # run_id -> child process (this process's)
 _LIVE_LOCK = threading.Lock()
+_PRINT_LOCK = threading.Lock()
+
+
+def say(msg: str) -> None:
+    """Print one whole line and flush (worker threads print concurrently; a killed runner loses nothing)."""
+    with _PRINT_LOCK:
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
 
 
 def write_manifest(suite: Suite, runs: Sequence[Run]) -> str:
@@ -146,7 +154,7 @@ class _Stop(Exception):
     pass
 
 
-def run_local(suite: Suite, gpus: Optional[Sequence[int]] = None, log=print) -> Dict[str, Any]:
+def run_local(suite: Suite, gpus: Optional[Sequence[int]] = None, log=say) -> Dict[str, Any]:
     """Run every unfinished run of ``suite``, one per GPU at a time; returns ``{run_id: state}``.
 
     Holds ``OUTPUT_DIR/.runner.lock`` (a second runner on the same folder is refused).  SIGTERM / SIGINT stop
@@ -294,7 +302,7 @@ def make_executor(folder: str, cluster: Optional[str], params: Dict[str, Any]):
 
 
 def run_submitit(suite: Suite, cluster: Optional[str] = None, wait: bool = True,
-                 params: Optional[Dict[str, Any]] = None, log=print) -> Dict[str, Any]:
+                 params: Optional[Dict[str, Any]] = None, log=say) -> Dict[str, Any]:
     """Submit every unfinished run as one submitit job array (``AutoExecutor``; ``cluster``: ``slurm``,
     ``local`` or ``debug``, default: SLURM when available, else local).
 
