@@ -251,8 +251,9 @@ def _wait_for(pred, timeout=120):
     raise AssertionError("timed out waiting")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_runner_restarts_only_the_unfinished_runs(tmp_path, sig):
+@pytest.mark.parametrize("sig, group", [(signal.SIGKILL, True), (signal.SIGTERM, True), (signal.SIGKILL, False)],
+                         ids=["SIGKILL-runner-and-runs", "SIGTERM-runner", "SIGKILL-runner-only"])
+def test_killed_runner_restarts_only_the_unfinished_runs(tmp_path, sig, group):
     path = fake_suite(tmp_path, ["quick", "slow SLEEPONCE60"], configs=("a",), gpus=(0, 1))
     suite = spec.load_suite(path)
     quick, slow = sorted(suite.runs(), key=lambda r: r.prompt != "quick")
@@ -260,16 +261,26 @@ def test_killed_runner_restarts_only_the_unfinished_runs(tmp_path, sig):
     _wait_for(lambda: state.read_state(quick.run_dir).get("status") == "done"
               and state.read_state(slow.run_dir).get("status") == "running")
     child = state.read_state(slow.run_dir)["pid"]
-    os.killpg(proc.pid, sig)  # the runner and, with SIGKILL of the group, its launch.py (a node going down)
+    # SIGKILL of the group: the runner and its launch.py (a node going down); SIGTERM: the runner ends its runs;
+    # SIGKILL of the runner alone: its launch.py lives on, orphaned, and the next runner must end it first
+    (os.killpg if group else os.kill)(proc.pid, sig)
     proc.wait(timeout=60)
-    _wait_for(lambda: not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z")
+    gone = lambda: not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"  # noqa
+    if group:
+        _wait_for(gone)
+    else:
+        time.sleep(0.5)
+        assert not gone()  # still sleeping
     st = state.read_state(slow.run_dir)
     assert st["status"] == ("running" if sig == signal.SIGKILL else "killed")
     done_before = json.load(open(os.path.join(quick.run_dir, "state.json")))
     assert len(calls(tmp_path)) == 1  # only the quick run ended
     proc = _start_runner(path, tmp_path)
     assert proc.wait(timeout=120) == 0, (tmp_path / "runner.log").read_text()
-    assert "2 runs, 1 finished, 1 to run" in (tmp_path / "runner.log").read_text()
+    text = (tmp_path / "runner.log").read_text()
+    assert "2 runs, 1 finished, 1 to run" in text
+    assert ("ending the launch.py left by a killed runner" in text) == (not group)
+    assert gone()
     assert [x[0] for x in calls(tmp_path)] == [os.path.basename(quick.run_dir), os.path.basename(slow.run_dir)]
     assert json.load(open(os.path.join(quick.run_dir, "state.json"))) == done_before  # untouched
     st = state.read_state(slow.run_dir)
@@ -329,13 +340,13 @@ def tiny_clip():
 
 
 def test_report_csv_markdown_and_gallery(tmp_path, tiny_clip):
-    path = fake_suite(tmp_path, ["a cat", "a dog", "a FAIL"], configs=("a", "b"), seeds=[0, 1])
+    path = fake_suite(tmp_path, ["a cat", "a dog", "a FAIL"], configs=("a", "b"))
     cli.main(["suite", "run", path])
     suite = spec.load_suite(path)
     assert cli.main(["suite", "report", suite.output_dir, "--clip-model", tiny_clip]) == 0
     out = os.path.join(suite.output_dir, "report")
     rows = list(csv.DictReader(open(os.path.join(out, "runs.csv"))))
-    assert len(rows) == 12
+    assert len(rows) == 6
     col = "clip_" + report.model_key(tiny_clip)
     from scoredistill.bench import clip_score
 
@@ -350,8 +361,8 @@ def test_report_csv_markdown_and_gallery(tmp_path, tiny_clip):
     for m in ("a", "b"):
         vals = [float(r[col]) for r in rows if r["method"] == m and r["status"] == "done"]
         mean, hw = report.t_interval(vals)
-        assert len(vals) == 4
-        assert f"| {m} | 4 / 6 | 2 | {mean:.2f} ± {hw:.2f} |" in md
+        assert len(vals) == 2
+        assert f"| {m} | 2 / 3 | 1 | {mean:.2f} ± {hw:.2f} |" in md
     # cached scores are reused (same numbers, no recompute needed)
     assert os.path.isfile(os.path.join(rows[0]["trial_dir"], "..", "..", f"clip-{report.model_key(tiny_clip)}.json"))
 
@@ -405,3 +416,12 @@ def test_every_shipped_paper_prompt_is_printed_in_the_paper_it_cites():
         text = open(os.path.join(PAPER_DIR, PAPERS[paper]), encoding="utf-8").read().replace("**", "")
         text = re.sub(r"[ \t]+", " ", text)
         assert p.text in text, (p.text, p.source)
+
+
+def test_gpu_ids_map_through_the_runners_own_cuda_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert runner._visible_gpu(3) == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6")
+    assert [runner._visible_gpu(i) for i in (0, 1)] == ["4", "6"]
+    with pytest.raises(ValueError, match="suite.gpus: GPU index 2 but CUDA_VISIBLE_DEVICES=4,6"):
+        runner._visible_gpu(2)

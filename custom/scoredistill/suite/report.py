@@ -113,7 +113,10 @@ def collect(output_dir: str, clip_models: Sequence[str] = (DEFAULT_CLIP,), devic
             "images": _test_images(run.trial_dir) if st.get("status") == "done" else [],
         }
         for m in clip_models:
-            res = clip_for_run(run, st, m, loaded, device, panel)
+            try:
+                res = clip_for_run(run, st, m, loaded, device, panel)
+            except FileNotFoundError as e:  # finished, but its test renders were removed since
+                res, row["reason"] = None, str(e)
             row[f"clip_{model_key(m)}"] = None if res is None else res["clip_score"]
         rows.append(row)
     return rows

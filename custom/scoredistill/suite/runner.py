@@ -72,6 +72,19 @@ def _pid_alive_for(pid: Optional[int], run_dir: str) -> bool:
         return False
 
 
+def _end_process(pid: int, run_dir: str, grace_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``, a leftover launch.py of ``run_dir``; returns once it is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        while _pid_alive_for(pid, run_dir):
+            if time.monotonic() - t0 > grace_s:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+    except ProcessLookupError:
+        pass
+
+
 def execute_run(run: Run, gpu: Optional[str] = None, stop: Optional[threading.Event] = None,
                 extra_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run ``run`` once unless it is finished; returns its final state.
@@ -182,7 +195,7 @@ def run_local(suite: Suite, gpus: Optional[Sequence[int]] = None, log=say) -> Di
             if st.get("status") == "running" and st.get("host") == socket.gethostname() \
                     and _pid_alive_for(st.get("pid"), r.run_dir):
                 log(f"[suite] {r.run_id}: ending the launch.py left by a killed runner (pid {st['pid']})")
-                os.kill(st["pid"], signal.SIGTERM)
+                _end_process(st["pid"], r.run_dir)
             todo.append(r)
         log(f"[suite] {suite.name}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run "
             f"on {len(devices)} worker(s) (GPUs {','.join(devices)})")
