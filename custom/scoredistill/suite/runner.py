@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import submitit
 
-from .spec import Run, Suite
+from .spec import Run, Suite, SuiteError
 from .state import (atomic_write_json, find_test_video, is_finished, read_json, read_state, write_state)
 
 _LIVE: Dict[str, subprocess.Popen] = {}  # run_id -> child process (this process's)
@@ -155,11 +155,11 @@ def execute_run(run: Run, gpu: Optional[str] = None, stop: Optional[threading.Ev
 def _visible_gpu(gpu: int) -> str:
     """The runner's GPU index → the id for the child's ``CUDA_VISIBLE_DEVICES`` (through the runner's own
     ``CUDA_VISIBLE_DEVICES`` when that is set)."""
-    parent = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    parent = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     if parent:
-        if gpu >= len(parent):
-            raise ValueError(f"suite.gpus: GPU index {gpu} but CUDA_VISIBLE_DEVICES={','.join(parent)}")
-        return parent[gpu].strip()
+        if not 0 <= gpu < len(parent):
+            raise SuiteError(f"suite.gpus: GPU index {gpu} but CUDA_VISIBLE_DEVICES={','.join(parent)}")
+        return parent[gpu]
     return str(gpu)
 
 
