@@ -425,3 +425,48 @@ def test_gpu_ids_map_through_the_runners_own_cuda_visible_devices(monkeypatch):
     assert [runner._visible_gpu(i) for i in (0, 1)] == ["4", "6"]
     with pytest.raises(ValueError, match="suite.gpus: GPU index 2 but CUDA_VISIBLE_DEVICES=4,6"):
         runner._visible_gpu(2)
+
+
+def _fake_slurm(tmp_path, sacct_state="RUNNING"):
+    """``srun``/``sbatch``/``sacct``/``scancel`` stand-ins on PATH: sbatch records the script it is given and
+    answers with job 4242; sacct reports every array task in ``sacct_state``."""
+    bin_dir = tmp_path / "fake-slurm-bin"
+    bin_dir.mkdir(exist_ok=True)
+    scripts = {
+        "srun": "#!/bin/sh\nexit 0\n",
+        "scancel": "#!/bin/sh\nexit 0\n",
+        "sbatch": f"#!/bin/sh\ncat \"$1\" > {tmp_path}/sbatch-$(date +%s%N).sh\necho 'Submitted batch job 4242'\n",
+        "sacct": "#!/bin/sh\necho 'JobID|State|NodeList'\n"
+                 f"for i in 0 1 2 3; do echo \"4242_$i|{sacct_state}|node1\"; done\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+def test_slurm_path_submits_one_job_array_with_the_suite_parameters_and_not_twice(tmp_path, monkeypatch):
+    import glob
+
+    monkeypatch.setenv("PATH", _fake_slurm(tmp_path) + os.pathsep + os.environ["PATH"])
+    path = fake_suite(tmp_path, ["p one", "p two"], configs=("a",),
+                      slurm={"timeout_min": 30.5, "slurm_partition": "gpu", "slurm_array_parallelism": 1,
+                             "local_signal_delay_s": 3})
+    suite = spec.load_suite(path)
+    states = runner.run_submitit(suite, cluster="slurm", wait=False, log=lambda *a: None)
+    assert sorted(s["job_id"] for s in states.values()) == ["4242_0", "4242_1"]
+    assert all(s["status"] == "queued" and s["cluster"] == "slurm" for s in states.values())
+    (script,) = [open(p).read() for p in glob.glob(str(tmp_path / "sbatch-*.sh"))]  # one sbatch: one array
+    for line in ("#SBATCH --array=0-1%1", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --time=31", "#SBATCH --signal=USR2@", "#SBATCH --job-name=suite-fake"):
+        assert line in script, script
+    out = os.path.join(suite.output_dir, "submitit")
+    assert f"#SBATCH --output={out}/%A_%a/%A_%a_0_log.out" in script  # per-job logs next to the outputs
+    assert "signal_delay" not in script and "local_" not in script
+    # the jobs are still queued/running in SLURM: a second `suite run` submits nothing
+    runner.run_submitit(suite, cluster="slurm", wait=False, log=lambda *a: None)
+    assert len(glob.glob(str(tmp_path / "sbatch-*.sh"))) == 1
+    # ... and once SLURM says the jobs ended without finishing the runs (a node failure), they are resubmitted
+    _fake_slurm(tmp_path, sacct_state="NODE_FAIL")
+    runner.run_submitit(suite, cluster="slurm", wait=False, log=lambda *a: None)
+    assert len(glob.glob(str(tmp_path / "sbatch-*.sh"))) == 2

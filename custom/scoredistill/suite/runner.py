@@ -342,7 +342,7 @@ def run_submitit(suite: Suite, cluster: Optional[str] = None, wait: bool = True,
         st = read_state(r.run_dir)
         if st.get("cluster") == "slurm" and st.get("status") in ("queued", "running") and st.get("job_id"):
             try:
-                if not submitit.SlurmJob(folder=folder, job_id=st["job_id"]).done():
+                if not submitit.SlurmJob(folder=folder, job_id=st["job_id"]).done(force_check=True):
                     log(f"[suite] {r.run_id}: still in SLURM job {st['job_id']}, not resubmitted")
                     continue
             except Exception:
