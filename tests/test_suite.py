@@ -204,6 +204,17 @@ def test_local_pool_runs_each_combination_once_one_run_per_gpu(tmp_path):
     # a second start finds everything finished and runs nothing
     assert cli.main(["suite", "run", path]) == 0
     assert len(calls(tmp_path)) == 4
+    # changed arguments do not rerun a finished run, which keeps the record of what it ran with
+    import yaml
+
+    data = yaml.safe_load(open(path))
+    data["overrides"] = ["trainer.max_steps=7"]
+    open(path, "w").write(yaml.safe_dump(data))
+    lines = []
+    runner.run_local(spec.load_suite(path), log=lines.append)
+    assert len(calls(tmp_path)) == 4 and sum("finished with other launch.py arguments" in ln for ln in lines) == 4
+    r = suite.runs()[0]
+    assert "trainer.max_steps=7" not in json.load(open(os.path.join(r.run_dir, "run.json")))["args"]
 
 
 def test_failed_run_is_reported_with_its_log_and_rerun_next_time(tmp_path, capsys):

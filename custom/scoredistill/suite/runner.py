@@ -37,10 +37,21 @@ def say(msg: str) -> None:
         sys.stdout.flush()
 
 
-def write_manifest(suite: Suite, runs: Sequence[Run]) -> str:
-    """``OUTPUT_DIR/suite.json`` and every ``RUN_DIR/run.json``; returns the manifest path."""
+def write_manifest(suite: Suite, runs: Sequence[Run], log=None) -> str:
+    """``OUTPUT_DIR/suite.json`` and every ``RUN_DIR/run.json``; returns the manifest path.
+
+    A finished run keeps the ``run.json`` it ran with: if the suite now gives it other launch.py arguments
+    it is *not* rerun (a warning says so; remove its folder to run it again).
+    """
     for r in runs:
-        atomic_write_json(os.path.join(r.run_dir, "run.json"), r.to_json())
+        path = os.path.join(r.run_dir, "run.json")
+        if is_finished(r.run_dir, r.trial_dir):
+            old = read_json(path) or {}
+            if old.get("args") != r.args or old.get("launcher") != r.launcher:
+                (log or say)(f"[suite] {r.run_id}: finished with other launch.py arguments than the suite gives "
+                             f"now; kept (remove {r.run_dir} to run it again)")
+            continue
+        atomic_write_json(path, r.to_json())
         if not os.path.exists(os.path.join(r.run_dir, "state.json")):
             write_state(r.run_dir, {"status": "pending", "attempt": 0})
     path = os.path.join(suite.output_dir, "suite.json")
@@ -183,7 +194,7 @@ def run_local(suite: Suite, gpus: Optional[Sequence[int]] = None, log=say) -> Di
         lock_f.close()
         raise RuntimeError(f"another suite runner holds {suite.output_dir}/.runner.lock")
     try:
-        write_manifest(suite, runs)
+        write_manifest(suite, runs, log)
         gpus = list(gpus if gpus is not None else suite.gpus)
         devices = [_visible_gpu(g) for g in gpus]
         todo = []
@@ -327,7 +338,7 @@ def run_submitit(suite: Suite, cluster: Optional[str] = None, wait: bool = True,
     """
     runs = suite.runs()
     os.makedirs(suite.output_dir, exist_ok=True)
-    write_manifest(suite, runs)
+    write_manifest(suite, runs, log)
     folder = os.path.join(suite.output_dir, "submitit", "%j")
     p: Dict[str, Any] = {"gpus_per_node": 1, "tasks_per_node": 1, "nodes": 1, "timeout_min": 240,
                          "name": f"suite-{suite.name}"}
