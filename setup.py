@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "imageio>=2.28",
     "matplotlib>=3.7",
     "scipy>=1.10",
+    "submitit>=1.5",  # prompt suites on SLURM (scoredistill.suite)
+    "PyYAML>=6.0",  # suite files (scoredistill.suite)
 ]
 
 TEST_REQUIRES = [

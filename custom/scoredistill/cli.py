@@ -3,6 +3,9 @@
 ``scoredistill link THREESTUDIO_ROOT``: make the pack visible to a threestudio checkout by linking this
 package folder as ``THREESTUDIO_ROOT/custom/scoredistill`` (threestudio's launch.py imports every folder
 under ``custom/``).  ``--copy`` copies instead of linking.  An existing different entry is never replaced.
+
+``scoredistill suite run SUITE.yaml`` / ``scoredistill suite report OUTPUT_DIR``: prompt suites
+(:mod:`scoredistill.suite`).
 """
 from __future__ import annotations
 
@@ -44,7 +47,11 @@ def main(argv=None) -> int:
     p_link = sub.add_parser("link", help="make the pack visible to a threestudio checkout")
     p_link.add_argument("threestudio_root")
     p_link.add_argument("--copy", action="store_true", help="copy the package instead of linking it")
+    p_suite = sub.add_parser("suite", help="run a prompt suite and report CLIP scores (scoredistill.suite)")
+    _add_suite_parser(p_suite)
     args = parser.parse_args(argv)
+    if args.command == "suite":
+        return _suite_main(args)
     if args.command == "link":
         try:
             dest = link(args.threestudio_root, copy=args.copy)
@@ -53,6 +60,69 @@ def main(argv=None) -> int:
             return 2
         print(dest)
     return 0
+
+
+def _add_suite_parser(p) -> None:
+    sub = p.add_subparsers(dest="suite_command", required=True)
+    r = sub.add_parser("run", help="run every unfinished prompt x config x seed of a suite")
+    r.add_argument("suite_file")
+    r.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: the suite's gpus)")
+    r.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="submit through submitit (SLURM job array; local/debug for testing) instead of the local pool")
+    r.add_argument("--no-wait", action="store_true", help="with --cluster: return after submission")
+    r.add_argument("--output-dir", default=None, help="override the suite's output_dir")
+    r.add_argument("--link", action="store_true", help="link the pack into threestudio_root/custom first")
+    rep = sub.add_parser("report", help="CSV, markdown means with CIs and an HTML gallery of a suite's runs")
+    rep.add_argument("target", help="a suite's output folder (or its suite file)")
+    rep.add_argument("--clip-model", action="append", default=None,
+                     help="CLIPModel name or folder; repeat for several (default openai/clip-vit-large-patch14; "
+                          "bigG: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--panel", default="first", choices=["first", "full"])
+    rep.add_argument("--out", default=None, help="report folder (default OUTPUT_DIR/report)")
+    st = sub.add_parser("status", help="print the state of every run of a suite's output folder")
+    st.add_argument("target")
+
+
+def _suite_main(args) -> int:
+    from .suite import runner, spec
+
+    try:
+        if args.suite_command == "run":
+            suite = spec.load_suite(args.suite_file)
+            if args.output_dir:
+                suite.output_dir = os.path.abspath(args.output_dir)
+            if args.link:
+                try:
+                    link(suite.threestudio_root)
+                except FileExistsError as e:
+                    print(f"scoredistill suite: {e}", file=sys.stderr)
+            if args.cluster:
+                states = runner.run_submitit(suite, cluster=args.cluster, wait=not args.no_wait)
+                if args.no_wait:
+                    print(runner.summarize(states))
+                    return 0
+            else:
+                gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+                states = runner.run_local(suite, gpus=gpus)
+            print(runner.summarize(states))
+            return 0 if all(s.get("status") == "done" for s in states.values()) else 1
+        target = args.target
+        if os.path.isfile(target):
+            target = spec.load_suite(target).output_dir
+        if args.suite_command == "status":
+            from .suite.state import read_state
+
+            states = {r.run_id: read_state(r.run_dir) for r in runner.load_runs(target)}
+            print(runner.summarize(states))
+            return 0
+        from .suite import report
+
+        report.write_report(target, args.out, args.clip_model or [report.DEFAULT_CLIP], args.device, args.panel)
+        return 0
+    except (spec.SuiteError, FileNotFoundError, RuntimeError) as e:
+        print(f"scoredistill suite: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Suite state in files next to the outputs, written atomically (temporary file + ``os.replace``).
+
+* ``OUTPUT_DIR/suite.json``: the expanded suite (every run's id and folder);
+* ``RUN_DIR/run.json``: the run (command, folder, prompt, seed; :class:`~scoredistill.suite.spec.Run`);
+* ``RUN_DIR/state.json``: its status, one of ``pending``, ``queued`` (submitted to a cluster), ``running``,
+  ``done``, ``failed``, ``killed`` (a signal ended it), ``preempted`` (its cluster job was requeued), with
+  the attempt number, exit code, wall time, log path, host / pid / GPU / cluster job id;
+* ``RUN_DIR/logs/attempt-<n>.log``: launch.py's output of each attempt;
+* ``RUN_DIR/unet_samples.json``: UNet forward samples counted in the run (:mod:`.count_launch`).
+
+A run is *finished* when its state says exit code 0 and its test video (``TRIAL/save/it<N>-test.mp4``)
+exists; every other run (never started, failed, killed, left ``running`` by a runner that died) is run
+again.  Killing the runner therefore loses nothing: a state file is either the old or the new version.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+from typing import Any, Dict, Optional
+
+STATUSES = ("pending", "queued", "running", "done", "failed", "killed", "preempted")
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+def state_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "state.json")
+
+
+def read_state(run_dir: str) -> Dict[str, Any]:
+    return read_json(state_path(run_dir)) or {"status": "pending", "attempt": 0}
+
+
+def write_state(run_dir: str, state: Dict[str, Any]) -> None:
+    if state.get("status") not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {state.get('status')!r}")
+    atomic_write_json(state_path(run_dir), state)
+
+
+def _it(path: str) -> int:
+    m = re.search(r"it(\d+)-test\.mp4$", path)
+    return int(m.group(1)) if m else -1
+
+
+def find_test_video(trial_dir: str) -> Optional[str]:
+    """The last ``save/it<N>-test.mp4`` of a threestudio trial folder, or ``None``."""
+    vids = glob.glob(os.path.join(trial_dir, "save", "it*-test.mp4"))
+    return max(vids, key=_it) if vids else None
+
+
+def is_finished(run_dir: str, trial_dir: str) -> bool:
+    """Exit code 0 recorded and the test video present."""
+    st = read_state(run_dir)
+    return st.get("status") == "done" and st.get("exit_code") == 0 and find_test_video(trial_dir) is not None
