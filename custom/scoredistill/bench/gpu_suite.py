@@ -115,9 +115,13 @@ def build_sd21_arch_pipeline(folder: str, device: str = "cpu", seed: int = 0) ->
 def _scene(n: int, seed: int = 0):
     from ..geometry import gaussians as G
 
+    import math
+
     gen = torch.Generator().manual_seed(seed)
     pts = G.sample_sphere(n, 0.5, generator=gen)
-    return G.params_from_points(pts, torch.rand(n, 3, generator=gen), sh_degree=0, init_opacity=0.5)
+    # scale = the mean spacing of n points in the ball (no O(n²) nearest-neighbour search at 1M Gaussians)
+    spacing = (4.0 / 3.0 * math.pi * 0.5**3 / n) ** (1.0 / 3.0)
+    return G.params_from_points(pts, torch.rand(n, 3, generator=gen), sh_degree=0, init_opacity=0.5, init_scale=spacing)
 
 
 def _camera(res: int, device):
