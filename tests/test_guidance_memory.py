@@ -228,3 +228,25 @@ def test_cuda_options_same_unet_output(tiny_sd, opts):
         with torch.no_grad():
             outs.append(unet(x, torch.tensor([300, 700], device="cuda"), encoder_hidden_states=e).sample.double().cpu())
     assert (outs[1] - outs[0]).abs().max().item() <= 1e-4 * outs[0].abs().max().item()
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("ge3d-guidance", dict(trainer_max_steps=100)),
+    ("lods-guidance", dict(variant="lora")),
+    ("vdm-guidance", {}),
+    ("uds-guidance", {}),
+    ("hifa-guidance", {}),
+])
+def test_every_pack_guidance_runs_with_the_options(name, kw, tiny_sd, threestudio_module, prompt_utils):
+    """The options are applied in the shared loading code, before the subclasses add their own parts (LODS's
+    LoRA adapters, VDM's operator): one step of each guidance with the CPU options at once (compile: tested above) gives a finite loss
+    and a finite gradient on the render."""
+    opts = dict(enable_attention_slicing=True, enable_channels_last_format=True, token_merging=True,
+                token_merging_params={"ratio": 0.5, "use_rand": False})
+    g = threestudio_module.find(name)(tiny_guidance_config(tiny_sd, image_size=32, **kw, **opts))
+    assert any(type(m).__name__ == "ToMeBlock" for m in g.unet.modules())
+    rgb = torch.rand(1, 32, 32, 3, requires_grad=True)
+    out = g(rgb, prompt_utils, ELEV[:1], AZIM[:1], DIST[:1])
+    loss = sum(v for k, v in out.items() if k.startswith("loss_") and torch.is_tensor(v) and v.requires_grad)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
