@@ -32,6 +32,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest>=7.4",
+    "tomesd>=0.1.3",  # token_merging option of the guidance base (tests/test_guidance_memory.py)
 ]
 
 setup(
@@ -43,6 +44,6 @@ setup(
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "memory": ["tomesd>=0.1.3"]},
     entry_points={"console_scripts": ["scoredistill=scoredistill.cli:main"]},
 )

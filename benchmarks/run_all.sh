@@ -8,4 +8,5 @@ python -m scoredistill.bench.cost_bench --model tiny --resolution 64 --batch 1 -
 # GPU only (not run here): the real SD 2.1-base architecture, random weights, 512² fp16
 if [ "${WITH_GPU:-0}" = 1 ]; then
   python -m scoredistill.bench.cost_bench --model sd21-arch --device cuda --dtype fp16 --resolution 512 --batch 1 --steps 5 --warmup 2 --out "$OUT"
+  OUT="$OUT/gpu_suite_full.json" benchmarks/gpu_suite.sh  # everything measured on a GPU, one results file
 fi

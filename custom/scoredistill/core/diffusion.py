@@ -48,13 +48,18 @@ def abar_at(alphas_cumprod: torch.Tensor, t: Timestep, like: torch.Tensor) -> to
         ValueError: a timestep outside ``[0, T)``.
     """
     T = alphas_cumprod.shape[0]
-    t = torch.as_tensor(t, device=alphas_cumprod.device)
+    if not torch.is_tensor(t):
+        t = torch.as_tensor(t)  # python numbers: checked on the host, then one copy to the device
     if t.is_floating_point():
         t = t.round()
     t = t.long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-        raise ValueError(f"timestep must be in [0, {T}), got {t.tolist()}")
-    a = alphas_cumprod[t.reshape(-1)].to(device=like.device, dtype=like.dtype)
+    if t.numel():
+        if t.device.type == "cpu":
+            if int(t.min()) < 0 or int(t.max()) >= T:
+                raise ValueError(f"timestep must be in [0, {T}), got {t.tolist()}")
+        else:  # a device-side check: no host-device sync in the hot path (fails at the next sync)
+            torch._assert_async(((t >= 0) & (t < T)).all(), f"timestep must be in [0, {T})")
+    a = alphas_cumprod[t.reshape(-1).to(alphas_cumprod.device)].to(device=like.device, dtype=like.dtype)
     return a.reshape(-1, *([1] * (like.dim() - 1)))
 
 

@@ -25,7 +25,7 @@ See ``docs/guidance-base.md``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -44,6 +44,8 @@ from ..core.diffusion import (
     step_range,
 )
 from .checkpointing import CheckpointedGuidanceMixin
+from .memory import load_models as load_memory_options_models
+from .memory import validate_memory_options
 
 
 def _C(value: Any, epoch: int, global_step: int) -> float:
@@ -125,6 +127,19 @@ class ScoreDistillationGuidance(BaseObject):
         grad_clip: Optional[Any] = None
         #: K, the trainer's max steps (set ${trainer.max_steps} in configs)
         trainer_max_steps: int = 10000
+        # memory / speed options (threestudio's names; scoredistill.guidance.memory, docs/guidance-base.md)
+        enable_memory_efficient_attention: bool = False
+        #: with enable_memory_efficient_attention: "auto" (xformers on CUDA if installed, else SDPA) | "sdpa" | "xformers"
+        memory_efficient_attention_backend: str = "auto"
+        enable_attention_slicing: bool = False
+        attention_slice_size: Any = 1
+        enable_channels_last_format: bool = False
+        enable_sequential_cpu_offload: bool = False
+        token_merging: bool = False
+        token_merging_params: Optional[dict] = field(default_factory=dict)
+        #: torch.compile the UNet (nn.Module.compile(**compile_unet_params))
+        compile_unet: bool = False
+        compile_unet_params: Optional[dict] = field(default_factory=dict)
 
     cfg: Config
 
@@ -170,17 +185,15 @@ class ScoreDistillationGuidance(BaseObject):
 
     def configure(self) -> None:
         self.validate_config()
+        validate_memory_options(self.cfg, self.device)
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         path = self.cfg.pretrained_model_name_or_path
         threestudio.info(f"Loading Stable Diffusion from {path} ...")
         self.weights_dtype = torch.float16 if self.cfg.half_precision_weights else torch.float32
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.weights_dtype)
-        self.unet = self.unet.to(self.device).eval()
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.weights_dtype)
-        self.vae = self.vae.to(self.device).eval()
-        for p in list(self.unet.parameters()) + list(self.vae.parameters()):
-            p.requires_grad_(False)
+        self.unet, self.vae = load_memory_options_models(
+            self.cfg, UNet2DConditionModel, AutoencoderKL, path, self.device, self.weights_dtype, log=threestudio.info
+        )
         self.scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
         self.num_train_timesteps: int = int(self.scheduler.config.num_train_timesteps)
         #: ᾱ_t, (T,) float32 on the device; ``alphas`` is threestudio's name for the same tensor

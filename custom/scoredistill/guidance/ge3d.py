@@ -256,9 +256,11 @@ def ge3d_grad(
     x0 = latents.detach()
     if noise_to_first_node:
         B, C = x0.shape[:2]
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        # drawn where the generator lives (the latents' device without one: no host draw + copy per step)
+        gdev = x0.device if generator is None else generator.device
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=gdev).to(x0.device)
         if offset_noise > 0:
-            noise = noise + offset_noise * torch.randn((B, C) + (1,) * (x0.dim() - 2), generator=generator, dtype=x0.dtype).to(x0.device)
+            noise = noise + offset_noise * torch.randn((B, C) + (1,) * (x0.dim() - 2), generator=generator, dtype=x0.dtype, device=gdev).to(x0.device)
         x0 = add_noise(x0, noise, alphas_cumprod, ts[0])
     xs, xt = ge3d_trajectories(eps_uncond, eps_guided, x0, ts, alphas_cumprod)
     w = weights.to(device=x0.device, dtype=x0.dtype)

@@ -138,7 +138,10 @@ class GE3DGuidance(ScoreDistillationGuidance):
         out = {"grad": grad, "ge3d_n": len(timesteps) - 1}
         for i, t in enumerate(timesteps):
             out[f"ge3d_t{i}"] = int(t)
-        for i, (w, r) in enumerate(zip(info["weights"].tolist(), info["residuals"].tolist())):
+        # weights: the host tensor of current_weights() (no device read); residuals stay 0-d device tensors, read
+        # only when the system logs them (a .tolist() here would wait for the whole step's GPU work each step)
+        for i, w in enumerate(weights.tolist()):
             out[f"ge3d_w{i}"] = float(w)
-            out[f"ge3d_res{i}"] = float(r)
+        for i in range(len(timesteps) - 1):
+            out[f"ge3d_res{i}"] = info["residuals"][i].detach()
         return out

@@ -1,0 +1,186 @@
+"""Memory / speed options of the pack's Stable Diffusion guidances (applied by ``guidance/base.py`` at load time).
+
+The names are threestudio's (``stable-diffusion-guidance`` in ``threestudio/models/guidance/``) where it has
+them, so a threestudio config's ``system.guidance`` block carries over unchanged:
+
+=================================== ===== ===============================================================
+setting                             exact effect
+=================================== ===== ===============================================================
+``enable_memory_efficient_attention`` yes   attention through ``torch.nn.functional.scaled_dot_product_attention``
+                                            (diffusers ``AttnProcessor2_0``) or xformers
+                                            (``memory_efficient_attention_backend``: ``auto`` | ``sdpa`` |
+                                            ``xformers``; ``auto`` = xformers on CUDA when installed, else SDPA)
+``enable_attention_slicing``        yes   attention computed one head-slice at a time (``set_attention_slice``,
+                                            slice size ``attention_slice_size``, threestudio uses 1)
+``enable_channels_last_format``     yes   UNet weights in ``torch.channels_last`` memory format
+``enable_sequential_cpu_offload``   yes   UNet and VAE weights stay on the CPU, moved to the GPU one sub-module
+                                            at a time (``accelerate.cpu_offload``; CUDA only)
+``token_merging``                   no    tomesd token merging (``token_merging_params`` → ``tomesd.apply_patch``)
+``compile_unet`` (pack only)        yes*  ``torch.compile`` of the UNet (``compile_unet_params`` →
+                                            ``nn.Module.compile``); *up to kernel-fusion rounding
+=================================== ===== ===============================================================
+
+"exact" = the same function up to floating-point rounding (tests/test_guidance_memory.py bounds the change of
+the guidance gradient on the tiny model); token merging changes the function (measured error in the README).
+
+:func:`validate_memory_options` runs in ``validate_config`` (before any model loads) and raises ``ValueError``
+naming the setting: xformers or offload requested on a CPU device, xformers not installed, slicing together
+with memory-efficient attention (both set the attention processor; the last would silently win), offload with
+``torch.compile``, unknown ``token_merging_params`` / ``compile_unet_params`` keys, a merge ratio outside [0, 1).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Optional
+
+import torch
+
+MEMORY_EFFICIENT_ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+_COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+
+
+def _xformers_available() -> bool:
+    from diffusers.utils.import_utils import is_xformers_available
+
+    return bool(is_xformers_available())
+
+
+def _to_dict(value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return dict(value)
+
+
+def _device_type(device: Any) -> str:
+    return torch.device(device).type if device is not None else "cpu"
+
+
+def validate_memory_options(cfg: Any, device: Any, prefix: str = "system.guidance") -> None:
+    """Check the memory options of a guidance ``cfg`` for ``device``; raise ``ValueError`` naming the setting.
+
+    Runs before anything loads (called from ``ScoreDistillationGuidance.validate_config``).
+    """
+    dev = _device_type(device)
+    backend = getattr(cfg, "memory_efficient_attention_backend", "auto")
+    if backend not in MEMORY_EFFICIENT_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"{prefix}.memory_efficient_attention_backend must be one of {MEMORY_EFFICIENT_ATTENTION_BACKENDS}, "
+            f"got {backend!r}"
+        )
+    if cfg.enable_memory_efficient_attention and backend == "xformers":
+        if dev != "cuda":
+            raise ValueError(
+                f"{prefix}.memory_efficient_attention_backend=xformers needs a CUDA device (this run uses {dev!r}); "
+                "use 'sdpa' or 'auto'"
+            )
+        if not _xformers_available():
+            raise ValueError(
+                f"{prefix}.memory_efficient_attention_backend=xformers but xformers is not installed; "
+                "pip install xformers, or use 'sdpa' / 'auto'"
+            )
+    if cfg.enable_attention_slicing and cfg.enable_memory_efficient_attention:
+        raise ValueError(
+            f"{prefix}.enable_attention_slicing and {prefix}.enable_memory_efficient_attention both choose the "
+            "attention processor; enable only one (with PyTorch 2 SDPA is already memory-efficient)"
+        )
+    size = getattr(cfg, "attention_slice_size", 1)
+    if not (size == "auto" or size == "max" or (isinstance(size, int) and not isinstance(size, bool) and size >= 1)):
+        raise ValueError(f"{prefix}.attention_slice_size must be an integer >= 1, 'auto' or 'max', got {size!r}")
+    if cfg.enable_sequential_cpu_offload:
+        if dev != "cuda":
+            raise ValueError(
+                f"{prefix}.enable_sequential_cpu_offload needs a CUDA device (weights are offloaded from the GPU "
+                f"to the CPU); this run uses {dev!r}: set it to false"
+            )
+        if getattr(cfg, "compile_unet", False):
+            raise ValueError(
+                f"{prefix}.enable_sequential_cpu_offload and {prefix}.compile_unet cannot be combined "
+                "(the offload hooks move weights inside the forward)"
+            )
+    params = _to_dict(cfg.token_merging_params)
+    if params:
+        import tomesd
+
+        allowed = [p for p in inspect.signature(tomesd.apply_patch).parameters if p != "model"]
+        bad = sorted(set(params) - set(allowed))
+        if bad:
+            raise ValueError(f"{prefix}.token_merging_params: unknown keys {bad}; allowed {allowed}")
+        ratio = params.get("ratio", 0.5)
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"{prefix}.token_merging_params.ratio must be in [0, 1), got {ratio!r}")
+    if cfg.token_merging:
+        try:
+            import tomesd  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{prefix}.token_merging needs the tomesd package (pip install tomesd)") from None
+    cparams = _to_dict(getattr(cfg, "compile_unet_params", None))
+    bad = sorted(set(cparams) - set(_COMPILE_KEYS))
+    if bad:
+        raise ValueError(f"{prefix}.compile_unet_params: unknown keys {bad}; allowed {list(_COMPILE_KEYS)}")
+
+
+def load_models(cfg: Any, unet_cls, vae_cls, path: str, device: Any, dtype: torch.dtype, log=None):
+    """Load ``(unet, vae)`` from ``path`` in ``dtype`` and apply the memory options; both frozen, eval mode.
+
+    Without offload they are moved to ``device``; with ``enable_sequential_cpu_offload`` they stay on the CPU
+    behind ``accelerate.cpu_offload`` hooks that execute on ``device``.
+    """
+    unet = unet_cls.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    vae = vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    apply_memory_options(cfg, unet, vae, device, log=log)
+    return unet, vae
+
+
+def apply_memory_options(cfg: Any, unet, vae, device: Any, log=None) -> None:
+    """Apply the options of :func:`validate_memory_options` to a loaded, frozen ``unet`` / ``vae`` (in place)."""
+    log = log or (lambda msg: None)
+    dev = _device_type(device)
+    if cfg.enable_memory_efficient_attention:
+        backend = cfg.memory_efficient_attention_backend
+        if backend == "auto":
+            backend = "xformers" if (dev == "cuda" and _xformers_available()) else "sdpa"
+        if backend == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+            vae.enable_xformers_memory_efficient_attention()
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            unet.set_attn_processor(AttnProcessor2_0())
+            vae.set_attn_processor(AttnProcessor2_0())
+        log(f"memory-efficient attention: {backend}")
+    if cfg.enable_attention_slicing:
+        unet.set_attention_slice(cfg.attention_slice_size)
+        log(f"attention slicing: slice size {cfg.attention_slice_size}")
+    if cfg.enable_channels_last_format:
+        unet.to(memory_format=torch.channels_last)
+        log("UNet in channels-last memory format")
+    if cfg.token_merging:
+        import tomesd
+
+        tomesd.apply_patch(unet, **_to_dict(cfg.token_merging_params))
+        log(f"token merging (tomesd) {_to_dict(cfg.token_merging_params)}")
+    if cfg.enable_sequential_cpu_offload:
+        from accelerate import cpu_offload
+
+        exec_device = torch.device(device)
+        cpu_offload(unet, execution_device=exec_device)
+        cpu_offload(vae, execution_device=exec_device)
+        log(f"sequential CPU offload (execution device {exec_device})")
+    else:
+        unet.to(device)
+        vae.to(device)
+    if getattr(cfg, "compile_unet", False):
+        unet.compile(**_to_dict(cfg.compile_unet_params))
+        log(f"torch.compile(UNet, {_to_dict(cfg.compile_unet_params)})")
+
+
+def weights_device(module) -> Optional[torch.device]:
+    """Device of a module's first parameter (``cpu`` under sequential offload); ``None`` without parameters."""
+    p = next(module.parameters(), None)
+    return None if p is None else p.device

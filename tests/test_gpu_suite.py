@@ -1,0 +1,82 @@
+"""benchmarks/gpu_suite.sh in its CPU tiny mode: every section runs and the one results file holds real numbers.
+
+(The full mode needs CUDA; this keeps the script and every code path it uses from rotting.)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import REPO, threestudio_root
+
+pytestmark = pytest.mark.threestudio
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory, tiny_sd):
+    if threestudio_root() is None:
+        pytest.skip("THREESTUDIO_ROOT is not set")
+    out = tmp_path_factory.mktemp("gpu_suite") / "results.json"
+    env = dict(os.environ, MODE="tiny", OUT=str(out), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_suite.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+def test_every_section_ran(tiny_results):
+    res, _ = tiny_results
+    assert res["mode"] == "tiny"
+    assert set(res["sections"]) == {"cuda_tests", "render_compare", "render_speed", "cost", "launch"}
+    for name, sec in res["sections"].items():
+        assert "error" not in sec, (name, sec.get("error"), sec.get("traceback"))
+
+
+def test_cuda_tests_section_collects_and_skips_without_cuda(tiny_results):
+    sec = tiny_results[0]["sections"]["cuda_tests"]
+    assert sec["counts"]["failed"] == sec["counts"]["error"] == 0
+    assert sec["counts"]["skipped"] >= 1
+    assert all("needs CUDA" in c["reason"] for c in sec["cases"] if c["outcome"] == "skipped")
+
+
+def test_render_compare_and_speed(tiny_results):
+    sec = tiny_results[0]["sections"]
+    err = sec["render_compare"]["max_abs_error"]
+    assert "plumbing check" in sec["render_compare"]["comparison"]  # tiny mode is labelled, not a CUDA result
+    for k in ("rgb", "alpha", "depth", "grad_means", "grad_scales", "grad_opacities"):
+        assert 0 <= err[k] < 1e-3, (k, err[k])  # fp32 vs fp64 of the same fallback
+    assert err["rgb"] > 0  # really two different evaluations
+    (row,) = sec["render_speed"]["rows"]
+    assert row["gaussians"] == 300 and row["fwd_bwd_seconds_median"] > 0
+
+
+def test_cost_ratios_to_sds_in_the_same_run(tiny_results):
+    rows = {r["method"]: r for r in tiny_results[0]["sections"]["cost"]["rows"]}
+    sds, ge3d = rows["SDS (CFG 100)"], rows["GE3D"]
+    assert sds["unet_samples"] == 2 and sds["unet_samples_ratio"] == 1.0
+    assert ge3d["unet_samples_ratio"] == ge3d["unet_samples"] / sds["unet_samples"] > 1
+    assert ge3d["seconds_ratio"] == pytest.approx(ge3d["seconds"] / sds["seconds"])
+
+
+def test_launch_rows_measure_at_the_configs_own_settings(tiny_results):
+    res, stdout = tiny_results
+    (row,) = res["sections"]["launch"]["rows"]
+    assert row["config"] == "ge3d-gs" and row["status"] == "ok", row
+    assert row["steps_run"] == 3 and row["s_per_it"] > 0  # stopped by the probe after 3 steps
+    assert row["max_steps"] == 5000  # the config's (paper) iteration count, not shortened
+    assert row["estimated_total_min_EXTRAPOLATION"] == pytest.approx(row["s_per_it"] * 5000 / 60)
+    assert row["peak_rss_gib"] > 0 and row["peak_vram_gib"] is None  # CPU: no VRAM claimed
+    assert "EXTRAPOLATION" in stdout and "GE3D: 10–20 min on an A6000" in stdout
+
+
+def test_full_mode_refuses_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    proc = subprocess.run([sys.executable, "-m", "scoredistill.bench.gpu_suite", "--mode", "full", "--out",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--mode full needs CUDA" in proc.stderr
