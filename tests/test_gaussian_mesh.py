@@ -267,3 +267,18 @@ def test_chamfer_distance_of_known_sets():
     assert cd["b_to_a"] == pytest.approx(0.5)
     assert cd["chamfer"] == pytest.approx(0.5 * (cd["a_to_b"] + cd["b_to_a"]))
     assert cd["hausdorff"] == pytest.approx(math.sqrt(1.25))
+
+
+def test_cli_mesh_subcommand(tmp_path, capsys):
+    import trimesh
+
+    from scoredistill.cli import main
+
+    ply = G.save_gaussians_ply(str(tmp_path / "g.ply"), sphere_gaussians(n=3000, radius=0.4, scale=0.03))
+    out = tmp_path / "mesh"
+    assert main(["mesh", ply, str(out), "--resolution", "40", "--texture-size", "64", "--decimate-target", "1000", "--formats", "obj,ply"]) == 0
+    assert sorted(os.listdir(out)) == ["model.mtl", "model.obj", "model.ply", "model.png"]
+    r = np.linalg.norm(trimesh.load(str(out / "model.obj"), force="mesh").vertices, axis=1)
+    assert 0.4 < r.mean() < 0.5
+    assert main(["mesh", ply, str(out), "--resolution", "4"]) == 2
+    assert "resolution must be an integer in 8..2048" in capsys.readouterr().err
