@@ -109,7 +109,7 @@ def test_sphere_mesh_is_on_the_exact_isosurface_and_close_to_the_sphere(sphere_e
         inside = torch.cat([M.density_at(c, gf) for c in (mid[:, None] * u).split(256)]) >= 0.5
         lo, hi = torch.where(inside, mid, lo), torch.where(inside, hi, mid)
     err = (v.norm(dim=1) - lo).abs() / result.grid.voxel
-    assert float(err.mean()) < 0.15 and float(err.max()) < 0.6, (float(err.mean()), float(err.max()))
+    assert float(err.mean()) < 0.15 and float(err.max()) < 0.6, (float(err.mean()), float(err.max()))  # measured 0.08, 0.22
     # radius: the level set of the density lies ~1.9 sigma outside the centres (analytic: sigma sqrt(2 ln(D0/level)))
     r = np.linalg.norm(mesh.vertices, axis=1)
     assert r.std() < 0.01
@@ -217,7 +217,8 @@ def test_normal_sh_colour_mode_sees_the_sh_along_the_normal():
     for res, expect in ((dc, lambda nz: 0.5 + 0 * nz), (sh, lambda nz: 0.5 - a * c1 * nz)):
         pts, cols = sample_textured_surface(res.mesh, 10000)
         nz = pts[:, 2] / np.linalg.norm(pts, axis=1)  # outward normal of the sphere, dir = -n
-        assert np.abs(cols[:, 0] - expect(nz)).mean() < 0.02
+        # measured 0.0020 (dc) / 0.016 (normal_sh: interpolated normals of the 4000-face mesh vs the sphere's)
+        assert np.abs(cols[:, 0] - expect(nz)).mean() < 0.03
         assert np.abs(cols[:, 1:] - 0.5).mean() < 0.01
 
 
@@ -286,3 +287,15 @@ def test_cli_mesh_subcommand(tmp_path, capsys):
     assert 0.4 < r.mean() < 0.5
     assert main(["mesh", ply, str(out), "--resolution", "4"]) == 2
     assert "resolution must be an integer in 8..2048" in capsys.readouterr().err
+
+
+def test_gaussians_mesh_chamfer_for_benchmarks():
+    import trimesh
+
+    params = sphere_gaussians(n=3000, radius=0.4, scale=0.03)
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    near = M.gaussians_mesh_chamfer(params, sphere, n_samples=20000, resolution=40, texture_size=64, decimate_target=1000, color_knn=4)
+    far = M.gaussians_mesh_chamfer(params, trimesh.creation.icosphere(subdivisions=4, radius=0.2), n_samples=20000,
+                                   resolution=40, texture_size=64, decimate_target=1000, color_knn=4)
+    assert near["faces"] <= 1000 and near["chamfer"] < 0.07 < far["chamfer"]
+    assert near["chamfer_rel"] == pytest.approx(near["chamfer"] / near["size"])
