@@ -60,6 +60,14 @@ def main() -> int:
     t_d = time.perf_counter() - t
     print(f"density grid {grid.dims}: {t_d:.1f} s, peak memory {peak_mib(args.device):.0f} MiB (before: {base:.0f} MiB; grid alone "
           f"{np.prod(grid.dims) * 4 / 2**20:.0f} MiB)")
+    # (Gaussian, node) pairs evaluated: each Gaussian's box is padded to a cube of its largest side
+    origin = torch.as_tensor(grid.origin, dtype=torch.float32, device=gf.means.device)
+    i0 = torch.ceil((gf.means - gf.extents - origin) / grid.voxel).clamp_min(0)
+    i1 = torch.minimum(torch.floor((gf.means + gf.extents - origin) / grid.voxel), torch.tensor(grid.dims, device=i0.device) - 1)
+    side = (i1 - i0 + 1).clamp_min(0).amax(1).double()
+    big = gf.extents.amax(1) > 3 * float(gf.extents.amax(1).median())
+    print(f"pairs: {float((side**3).sum()) / 1e6:.0f} M, of which {float((side[big]**3).sum()) / 1e6:.0f} M from the "
+          f"{int(big.sum())} Gaussians with a box > 3x the median")
     t = time.perf_counter()
     verts, faces = M.extract_isosurface(dens, grid, 0.5)
     print(f"marching cubes: {time.perf_counter() - t:.1f} s, {len(faces)} faces")
