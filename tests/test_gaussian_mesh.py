@@ -232,8 +232,24 @@ def test_errors_empty_transparent_grid_too_small_and_bad_settings():
     clear = dict(params, opacities=torch.full_like(params["opacities"], -10.0))
     with pytest.raises(M.MeshExportError, match="fully transparent"):
         M.gaussians_to_mesh(clear)
-    with pytest.raises(M.MeshExportError, match="system.exporter.bounds"):
+    with pytest.raises(M.MeshExportError, match=r"does not hold the scene.*system\.exporter\.bounds.*system\.exporter\.crop_to_bounds"):
         M.gaussians_to_mesh(params, bounds=0.3, resolution=32, prefix="system.exporter.")
+    # crop_to_bounds: the cut surface is closed on the boundary instead
+    cropped = M.gaussians_to_mesh(params, bounds=[[-0.6, -0.6, -0.6], [0.6, 0.6, 0.2]], crop_to_bounds=True, resolution=32,
+                                  texture_size=64, decimate_target=0, color_knn=4)
+    # closed, inside the bounds, within about a voxel of the cut (the boundary nodes are zeroed)
+    assert cropped.welded.is_watertight
+    assert 0.2 - 1.5 * cropped.grid.voxel < cropped.welded.vertices[:, 2].max() <= 0.2
+    # a grid that the memory cannot hold
+    import scoredistill.exporter.gaussian_mesh as GM
+
+    real = GM.available_memory_bytes
+    GM.available_memory_bytes = lambda device: 10 * 2**20
+    try:
+        with pytest.raises(M.MeshExportError, match=r"grid cannot be held.*lower system\.exporter\.resolution"):
+            M.gaussians_to_mesh(params, resolution=256, prefix="system.exporter.")
+    finally:
+        GM.available_memory_bytes = real
     with pytest.raises(M.MeshExportError, match="system.exporter.isosurface_threshold"):
         M.gaussians_to_mesh(params, isosurface_threshold=100.0, resolution=32, prefix="system.exporter.")
     for key, value, match in [

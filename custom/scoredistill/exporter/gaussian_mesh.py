@@ -65,6 +65,8 @@ class MeshSettings:
     resolution: int = 256
     #: "auto" (support of the visible Gaussians), a radius r (cube [-r, r]^3), or [[xmin,ymin,zmin],[xmax,ymax,zmax]]
     bounds: Union[str, float, List[List[float]]] = "auto"
+    #: explicit bounds crop the scene (surface closed on the boundary) instead of raising when they cut it
+    crop_to_bounds: bool = False
     #: iso-level of the opacity-weighted density (a lone Gaussian of opacity o reaches o at its centre)
     isosurface_threshold: float = 0.5
     #: Gaussians below this opacity are ignored (DreamGaussian: 0.005)
@@ -245,7 +247,10 @@ def make_grid(gf: GaussianField, bounds, resolution: int, margin_voxels: int = 2
         else:
             lo, hi = np.asarray(bounds[0], dtype=np.float64), np.asarray(bounds[1], dtype=np.float64)
         voxel = float((hi - lo).max()) / (resolution - 1)
-    dims = tuple(int(max(2, math.ceil((hi[a] - lo[a]) / voxel - 1e-9) + 1)) for a in range(3))
+    if bounds == "auto":  # cover the support
+        dims = tuple(int(max(2, math.ceil((hi[a] - lo[a]) / voxel - 1e-9) + 1)) for a in range(3))
+    else:  # stay inside the given bounds (the longest side has exactly `resolution` nodes)
+        dims = tuple(int(max(2, math.floor((hi[a] - lo[a]) / voxel + 1e-6) + 1)) for a in range(3))
     return Grid(np.asarray(lo, dtype=np.float64), float(voxel), dims)
 
 
@@ -346,6 +351,38 @@ def extract_isosurface(density: Tensor, grid: Grid, level: float, fill_interior:
     return verts, np.asarray(faces, dtype=np.int64)
 
 
+def available_memory_bytes(device) -> Optional[int]:
+    """Free memory of ``device`` (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of /proc/meminfo), or None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_grid_fits_memory(grid: Grid, device, name: str = "resolution") -> None:
+    """Raise :class:`MeshExportError` when the grid cannot be held: float32 nodes on ``device`` plus, on the CPU, the
+    arrays of marching cubes and the interior fill (about three more float32 grids)."""
+    nodes = int(np.prod(grid.dims))
+    dev = torch.device(device)
+    need_dev = 4 * nodes
+    need_cpu = 3 * 4 * nodes + (need_dev if dev.type == "cpu" else 0)
+    checks = [("cpu", need_cpu)] + ([(dev, need_dev)] if dev.type != "cpu" else [])
+    for d, need in checks:
+        avail = available_memory_bytes(d)
+        if avail is not None and need > avail:
+            raise MeshExportError(
+                f"the grid cannot be held: {grid.dims[0]}x{grid.dims[1]}x{grid.dims[2]} nodes need about {need / 2**30:.1f} GiB "
+                f"on {d}, {avail / 2**30:.1f} GiB are available; lower {name}"
+            )
+
+
 def check_grid_holds_scene(density: Tensor, level: float, name: str = "bounds") -> None:
     """Raise :class:`MeshExportError` when the iso-surface reaches the grid's boundary (the grid cuts the scene)."""
     faces = [density[0], density[-1], density[:, 0], density[:, -1], density[:, :, 0], density[:, :, -1]]
@@ -353,7 +390,8 @@ def check_grid_holds_scene(density: Tensor, level: float, name: str = "bounds") 
     if peak >= level:
         raise MeshExportError(
             f"the grid does not hold the scene: the density reaches {peak:.3g} >= isosurface_threshold={level} on the "
-            f"boundary of {name}, so the surface would be cut open; enlarge {name} or set it to 'auto'"
+            f"boundary of {name}, so the surface would be cut open; enlarge {name}, set it to 'auto', or set "
+            f"{name.rsplit('.', 1)[0] + '.' if '.' in name else ''}crop_to_bounds=true to cut the scene there"
         )
 
 
@@ -537,10 +575,15 @@ def gaussians_to_mesh(params: Dict[str, Tensor], settings: Optional[MeshSettings
     s.check(prefix)
     gf = gaussian_field(params, s.min_opacity, s.cutoff_sigma, device=device)
     grid = make_grid(gf, s.bounds, s.resolution)
+    check_grid_fits_memory(grid, gf.means.device, prefix + "resolution")
     dens = density_grid(gf, grid, s.chunk_size)
-    peak = float(dens.max())
     if s.bounds != "auto":
-        check_grid_holds_scene(dens, s.isosurface_threshold, prefix + "bounds")
+        if s.crop_to_bounds:
+            for sl in ((0,), (-1,), (slice(None), 0), (slice(None), -1), (slice(None), slice(None), 0), (slice(None), slice(None), -1)):
+                dens[sl] = 0.0  # closes the surface where the bounds cut it
+        else:
+            check_grid_holds_scene(dens, s.isosurface_threshold, prefix + "bounds")
+    peak = float(dens.max())
     if peak < s.isosurface_threshold:
         raise MeshExportError(
             f"no surface: the density peaks at {peak:.3g} < {prefix}isosurface_threshold={s.isosurface_threshold} "

@@ -43,6 +43,7 @@ class GsplatMeshExporter(Exporter):
         #: the settings of gaussian_mesh.MeshSettings (same names and defaults)
         resolution: int = 256
         bounds: Any = "auto"
+        crop_to_bounds: bool = False
         isosurface_threshold: float = 0.5
         min_opacity: float = 0.005
         cutoff_sigma: float = 3.0
