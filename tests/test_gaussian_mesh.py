@@ -265,6 +265,8 @@ def test_errors_empty_transparent_grid_too_small_and_bad_settings():
             M.MeshSettings(**{key: value}).check("system.exporter.")
     with pytest.raises(ValueError, match="unknown setting.*system.exporter.resoluton"):
         M.MeshSettings.from_dict({"resoluton": 64}, prefix="system.exporter.")
+    with pytest.raises(ValueError, match="unknown setting.*resoluton"):
+        M.gaussians_to_mesh(params, resoluton=64)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -571,7 +571,7 @@ def gaussians_to_mesh(params: Dict[str, Tensor], settings: Optional[MeshSettings
 
     s = settings if settings is not None else MeshSettings()
     if overrides:
-        s = MeshSettings(**{**asdict(s), **overrides})
+        s = MeshSettings.from_dict({**asdict(s), **overrides}, prefix)
     s.check(prefix)
     gf = gaussian_field(params, s.min_opacity, s.cutoff_sigma, device=device)
     grid = make_grid(gf, s.bounds, s.resolution)
