@@ -45,7 +45,6 @@ def render_textured_mesh(mesh, viewmat, K, size, bg=1.0):
     v = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
     f = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
     uv = torch.as_tensor(np.asarray(mesh.visual.uv), dtype=torch.float32)
-    img_tex = np.asarray(mesh.visual.material.image.convert("RGB"), dtype=np.float32) / 255.0
     pix, depth = project_points(v, viewmat[None], K[None])
     pix, depth = pix[0].double(), depth[0].double()
     tri, tz = pix[f], depth[f]  # [F,3,2], [F,3]
@@ -81,7 +80,7 @@ def render_textured_mesh(mesh, viewmat, K, size, bg=1.0):
     flat, fid, bw = flat[win], fid[win], bw[win]
     uvp = (uv[f[fid]].double() * bw[..., None]).sum(1).numpy()
     col = trimesh.visual.color.uv_to_color(uvp, mesh.visual.material.image)[:, :3] / 255.0
-    fn = torch.as_tensor(np.asarray(mesh.face_normals), dtype=torch.float64)[fid]
+    fn = torch.as_tensor(np.array(mesh.face_normals), dtype=torch.float64)[fid]
     cam_dir = torch.as_tensor(np.linalg.inv(viewmat.double().numpy())[:3, 3]) - (v[f[fid]].double() * bw[..., None]).sum(1)
     lam = (fn * torch.nn.functional.normalize(cam_dir, dim=-1)).sum(-1).clamp_min(0).numpy()
     out = np.full((size * size, 3), bg, dtype=np.float64)

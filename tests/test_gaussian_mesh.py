@@ -204,8 +204,6 @@ def test_octahedron_from_load_mesh_geometry_and_colours(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- SH along the normal
 def test_normal_sh_colour_mode_sees_the_sh_along_the_normal():
-    import trimesh
-
     params = sphere_gaussians(n=6000, sh_degree=1, scale=0.025)
     n = params["means"].shape[0]
     params["sh0"] = torch.zeros(n, 1, 3)  # DC colour 0.5 grey

@@ -54,8 +54,6 @@ def test_launch_export_writes_textured_mesh(tmp_path):
 def test_exporter_config_errors_and_save_via_file(threestudio_module, tmp_path):
     import trimesh
 
-    from scoredistill.geometry import gaussians as G
-
     geometry = threestudio_module.find("gsplat-gaussian-splatting")(
         {"init": "sphere", "num_points": 3000, "init_radius": 0.4, "init_sphere_surface": True, "init_opacity": 0.5, "init_scale": 0.03}
     )
