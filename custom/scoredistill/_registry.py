@@ -31,6 +31,7 @@ _ADAPTER_MODULES = (
     "guidance.uds_guidance",
     "guidance.hifa_guidance",
     "exporter.gaussian_ply_exporter",
+    "exporter.gaussian_mesh_exporter",
 )
 
 

@@ -6,6 +6,8 @@ under ``custom/``).  ``--copy`` copies instead of linking.  An existing differen
 
 ``scoredistill suite run SUITE.yaml`` / ``scoredistill suite report OUTPUT_DIR``: prompt suites
 (:mod:`scoredistill.suite`).
+``scoredistill mesh GAUSSIANS.ply OUT_DIR``: a textured mesh (OBJ + MTL + PNG, GLB) from a 3DGS PLY, the
+``gsplat-mesh-exporter`` outside threestudio (options: ``scoredistill mesh --help``).
 """
 from __future__ import annotations
 
@@ -49,9 +51,12 @@ def main(argv=None) -> int:
     p_link.add_argument("--copy", action="store_true", help="copy the package instead of linking it")
     p_suite = sub.add_parser("suite", help="run a prompt suite and report CLIP scores (scoredistill.suite)")
     _add_suite_parser(p_suite)
+    _add_mesh_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "suite":
         return _suite_main(args)
+    if args.command == "mesh":
+        return _run_mesh(args)
     if args.command == "link":
         try:
             dest = link(args.threestudio_root, copy=args.copy)
@@ -123,6 +128,38 @@ def _suite_main(args) -> int:
     except (spec.SuiteError, FileNotFoundError, RuntimeError) as e:
         print(f"scoredistill suite: {e}", file=sys.stderr)
         return 2
+
+
+def _add_mesh_parser(sub) -> None:
+    p = sub.add_parser("mesh", help="textured mesh (OBJ+MTL+PNG, GLB) from a 3DGS PLY")
+    p.add_argument("ply", help="3D Gaussian PLY (e.g. written by gsplat-ply-exporter)")
+    p.add_argument("out_dir")
+    p.add_argument("--name", default="model", help="file stem (default: model)")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--isosurface-threshold", type=float, default=0.5)
+    p.add_argument("--texture-size", type=int, default=1024)
+    p.add_argument("--decimate-target", type=int, default=100_000)
+    p.add_argument("--color-mode", default="dc", help="dc | normal_sh")
+    p.add_argument("--formats", default="obj,glb", help="comma-separated: obj, glb, ply")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+
+
+def _run_mesh(args) -> int:
+    from scoredistill.exporter.gaussian_mesh import export_ply_to_mesh
+
+    settings = dict(
+        resolution=args.resolution, isosurface_threshold=args.isosurface_threshold, texture_size=args.texture_size,
+        decimate_target=args.decimate_target, color_mode=args.color_mode, formats=[f for f in args.formats.split(",") if f],
+    )
+    try:
+        paths, result = export_ply_to_mesh(args.ply, args.out_dir, name=args.name, device=args.device, **settings)
+    except (ValueError, OSError) as e:
+        print(f"scoredistill mesh: {e}", file=sys.stderr)
+        return 2
+    print(f"{int(result.stats['faces'])} faces, {int(result.stats['vertices'])} vertices")
+    for path in paths:
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ frozen source render for UDS editing) and :meth:`extra_losses` (additional named
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -248,3 +249,13 @@ class GsplatSystem(BaseLift3DSystem):
     # SaverMixin-style saver used by the gsplat-ply-exporter (save_type "gaussian_ply")
     def save_gaussian_ply(self, filename: str, params: Dict[str, torch.Tensor]) -> str:
         return save_gaussians_ply(self.get_save_path(filename), params)
+
+    # SaverMixin-style saver used by the gsplat-mesh-exporter (save_type "gsplat_mesh")
+    def save_gsplat_mesh(self, filename: str, files: Dict[str, bytes]) -> str:
+        """Write ``files`` (name -> bytes) next to ``filename`` in the trial folder, each atomically."""
+        from scoredistill.exporter.gaussian_mesh import _atomic_write_bytes
+
+        folder = os.path.dirname(self.get_save_path(filename))
+        for name in sorted(files, key=lambda k: (k.endswith(".obj"), k)):
+            _atomic_write_bytes(os.path.join(folder, name), files[name])
+        return folder
