@@ -6,6 +6,7 @@ under ``custom/``).  ``--copy`` copies instead of linking.  An existing differen
 
 ``scoredistill suite run SUITE.yaml`` / ``scoredistill suite report OUTPUT_DIR``: prompt suites
 (:mod:`scoredistill.suite`).
+
 ``scoredistill mesh GAUSSIANS.ply OUT_DIR``: a textured mesh (OBJ + MTL + PNG, GLB) from a 3DGS PLY, the
 ``gsplat-mesh-exporter`` outside threestudio (options: ``scoredistill mesh --help``).
 """
