@@ -201,14 +201,16 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` whose training-mode statistics are those of the union of the ranks' batches (as
     ``torch.nn.SyncBatchNorm``, which supports only accelerator tensors; this one also runs on the CPU / gloo).
 
-    Same parameters, buffers and ``state_dict`` as ``BatchNorm2d``; in a single process or in eval mode it is
-    exactly ``BatchNorm2d``.  Running statistics are updated with the union mean and unbiased union variance.
+    Same parameters, buffers and ``state_dict`` as ``BatchNorm2d``; in a single process, or in eval mode with
+    running statistics, it is exactly ``BatchNorm2d`` (the VDM operator's layers keep no running statistics:
+    always batch statistics, so always the union's).  Running statistics are updated with the union mean and unbiased union variance.
     Gradients flow through the shared statistics to every rank (differentiable all-reduce), so the ranks'
     parameter gradients sum to the union loss's gradient.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _active("guidance")):
+        batch_stats = self.training or self.running_mean is None  # (track_running_stats=False: always batch stats)
+        if not (batch_stats and _active("guidance")):
             return super().forward(x)
         self._check_input_dim(x)
         C = x.shape[1]
@@ -219,7 +221,7 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         n = stats[-1]
         mean = stats[:C] / n
         var = (stats[C : 2 * C] / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats and self.running_mean is not None:
+        if self.training and self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
