@@ -22,9 +22,11 @@ gradients).  What DDP does not cover, and how it is synchronised here:
   by all ranks (:func:`shared_seed`, :func:`shared_rng`), so densification decisions and new Gaussians are
   identical on every rank.
 
-Debug switch: ``SCOREDISTILL_DDP_UNSYNC`` -- a comma-separated subset of ``guidance``, ``system``,
-``densify`` (or ``all``) disables the corresponding synchronisation, to demonstrate that the 2-process
-equality tests detect an unsynchronised run.  Never set it for real training.
+Debug switch: ``SCOREDISTILL_DDP_UNSYNC`` -- a comma-separated subset of ``guidance`` (the all-reduce of the
+guidances' gradients and BatchNorm statistics), ``guidance_init`` (the initial broadcast), ``system``
+(gsplat-system's gradient all-reduce), ``densify`` (union statistics, shared split seed), or ``all``, disables
+that synchronisation, to demonstrate that the 2-process equality tests detect an unsynchronised run.  Never
+set it for real training.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ __all__ = [
 ]
 
 UNSYNC_ENV = "SCOREDISTILL_DDP_UNSYNC"
-UNSYNC_PARTS = ("guidance", "system", "densify")
+UNSYNC_PARTS = ("guidance", "guidance_init", "system", "densify")
 
 
 def is_distributed() -> bool:

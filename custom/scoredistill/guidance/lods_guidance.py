@@ -131,7 +131,7 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
         )
         # DDP: every rank starts from rank 0's α / LoRA ψ (the LoRA A init is random, seeded seed + rank);
         # LODSLearner averages their gradients over the ranks before each step (scoredistill.distributed)
-        broadcast_(self.learner.parameters(), part="guidance")
+        broadcast_(self.learner.parameters(), part="guidance_init")
         threestudio.info(
             f"LODS ({c.variant}): s={c.guidance_scale}, aux lr={self.learner.lr}, "
             f"{'merged' if c.merged_forward else 'separate'} Eq. {'8' if c.variant == 'embedding' else '10'} step"

@@ -130,7 +130,7 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
         # VariationalDistributionMapping averages ψ's gradients over the ranks (scoredistill.distributed)
         if is_distributed():
             convert_batchnorm(model)
-        broadcast_(module_state_tensors(model), part="guidance")
+        broadcast_(module_state_tensors(model), part="guidance_init")
         self.mapping = VariationalDistributionMapping(
             model, lr=c.operator_lr, optimizer=c.operator_optimizer, steps_per_iter=c.operator_steps_per_iter
         )
