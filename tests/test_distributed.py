@@ -188,3 +188,23 @@ def test_densifier_statistics_are_the_union_and_decisions_identical(tmp_path):
     assert r[0]["counts"] == r[1]["counts"] and r[0]["counts"]["after"] != N
     for k in r[0]["params"]:
         assert torch.equal(r[0]["params"][k], r[1]["params"][k]), k
+
+
+def _warn_worker(rank, init_file, out):
+    _init(rank, init_file)
+    try:
+        from types import SimpleNamespace
+
+        msgs = D.warn_uneven_eval_views(SimpleNamespace(n_val_views=3, n_test_views=120), lambda m: None)
+        torch.save(msgs, os.path.join(out, f"w{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_eval_views_not_a_multiple_of_the_ranks_warn(tmp_path):
+    from types import SimpleNamespace
+
+    assert D.warn_uneven_eval_views(SimpleNamespace(n_val_views=3, n_test_views=5), lambda m: None) == []  # 1 process
+    mp.spawn(_warn_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    msgs = torch.load(tmp_path / "w0.pt")
+    assert len(msgs) == 1 and msgs[0].startswith("data.n_val_views=3 is not a multiple of the 2 GPUs")

@@ -49,6 +49,7 @@ __all__ = [
     "shared_rng",
     "shared_seed",
     "sync_disabled",
+    "warn_uneven_eval_views",
     "world_size",
 ]
 
@@ -180,6 +181,26 @@ def disable_ddp_grad_sync(model) -> bool:
         model.require_backward_grad_sync = False
         return True
     return False
+
+
+def warn_uneven_eval_views(data_cfg, warn) -> List[str]:
+    """Under DDP, call ``warn(message)`` for each of ``data.n_val_views`` / ``data.n_test_views`` that is not a
+    multiple of the world size (Lightning's ``DistributedSampler`` pads the remainder with duplicate views,
+    which two ranks then render and write under the same file name).  Returns the messages."""
+    messages = []
+    n_ranks = world_size()
+    if n_ranks == 1 or data_cfg is None:
+        return messages
+    for key in ("n_val_views", "n_test_views"):
+        n = getattr(data_cfg, key, None)
+        if isinstance(n, int) and n % n_ranks:
+            messages.append(
+                f"data.{key}={n} is not a multiple of the {n_ranks} GPUs: Lightning's DistributedSampler pads it "
+                f"with duplicate views (written twice); use a multiple of {n_ranks}"
+            )
+    for m in messages:
+        warn(m)
+    return messages
 
 
 # ------------------------------------------------------------------------------------------- BatchNorm

@@ -128,6 +128,7 @@ class GsplatSystem(BaseLift3DSystem):
         # DDP's reduction is switched off and on_before_optimizer_step averages the current gradients instead
         if distributed.is_distributed() and not distributed.sync_disabled("system"):
             distributed.disable_ddp_grad_sync(self.trainer.strategy.model)
+        distributed.warn_uneven_eval_views(getattr(getattr(self.trainer, "datamodule", None), "cfg", None), threestudio.warn)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # DDP: gradients of the optimizer's current parameters averaged over the ranks (union of their views),
