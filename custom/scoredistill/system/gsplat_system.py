@@ -13,7 +13,11 @@ On top of it:
 * checkpoints hold the current (densified) Gaussians and the strategy's running state; resuming resizes the
   geometry first;
 * validation / test images and the test video like dreamfusion-system, and the PLY written at the end of
-  training (``system.save_ply_on_train_end``) and by ``--export`` (exporter ``gsplat-ply-exporter``).
+  training (``system.save_ply_on_train_end``) and by ``--export`` (exporter ``gsplat-ply-exporter``);
+* multi-GPU (``launch.py --gpu 0,1``, Lightning DDP): the system averages the gradients of its current
+  (densified) Gaussians over the ranks itself (DDP's own reduction, whose buckets hold the tensors of before
+  densification, is switched off), the densifier uses the union's statistics and a shared seed, and the PLY
+  and test video are written by rank 0 -- see :mod:`scoredistill.distributed` and ``docs/multi-gpu.md``.
 
 Extension points for other methods: :meth:`guidance_kwargs` (extra guidance arguments per step, e.g. a
 frozen source render for UDS editing) and :meth:`extra_losses` (additional named ``loss_*`` terms).
