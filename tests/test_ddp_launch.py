@@ -5,7 +5,8 @@ Every rank dumps its whole state after every training step (``SCOREDISTILL_DDP_D
 ``state_dict`` -- Gaussians or NeRF --, the optimizer state, the guidance's own state -- LODS α, VDM operator and
 their optimizers --, gsplat's densification statistics) and the tests assert that the two ranks are identical
 (max difference <= 1e-6) while their views differ (threestudio seeds ``seed + rank``), for gs-sds with
-densification during the run, lods-embedding-gs, vdm-gs and lods-lora-nerf, and that a 2-rank resume continues.
+densification during the run, lods-embedding-gs, vdm-gs and lods-lora-nerf, and that 2-rank resumes continue
+(gs-sds: Gaussians + densification state, vdm-gs: the guidance's operator).
 See README "Multi-GPU" and :mod:`scoredistill.distributed`.
 """
 import glob
@@ -150,13 +151,21 @@ def test_lods_embedding_gs_two_ranks_identical(tiny_sd, tmp_path):
     assert not torch.equal(g["alpha"], by_step[1][0]["guidance"]["alpha"])  # α trained (identically on both ranks)
 
 
-def test_vdm_gs_two_ranks_identical(tiny_sd, tmp_path):
+def test_vdm_gs_two_ranks_identical_then_resume(tiny_sd, tmp_path):
     cfg = os.path.join(CONFIGS, "vdm-gs.yaml")
-    overrides = _tiny(tiny_sd, 3, *gs_cpu_overrides(num_points=256), "system.guidance.operator_widths=[8,16,32]")
-    _, by_step = run_two_ranks(cfg, overrides, str(tmp_path / "out"), str(tmp_path / "dump"))
+    overrides = _tiny(tiny_sd, 3, *gs_cpu_overrides(num_points=256), "system.guidance.operator_widths=[8,16,32]",
+                      "checkpoint.every_n_train_steps=2")
+    trial, by_step = run_two_ranks(cfg, overrides, str(tmp_path / "out"), str(tmp_path / "dump"))
     assert_ranks_identical(by_step, range(1, 4))
     m = by_step[3][0]["guidance"]["mapping"]
     assert m["num_updates"] == 3 and m["optimizer"]["state"]  # ψ and its Adam moments compared above
+    # 2-rank resume from step 2: each rank restores the operator from the checkpoint and they stay identical
+    ckpt = glob.glob(os.path.join(trial, "ckpts", "*step=2*.ckpt"))
+    assert ckpt, os.listdir(os.path.join(trial, "ckpts"))
+    _, resumed = run_two_ranks(cfg, overrides + [f"resume={ckpt[0]}"], str(tmp_path / "out2"), str(tmp_path / "dump2"))
+    assert "vdm-guidance: operator restored (2 updates)" in run_launch.last_output  # (threestudio logs on rank 0)
+    assert_ranks_identical(resumed, [3])  # rank 1 restored too: same ψ, same Adam moments, same update count
+    assert resumed[3][0]["guidance"]["mapping"]["num_updates"] == 3
 
 
 def test_lods_lora_nerf_two_ranks_identical(tiny_sd, tmp_path):
