@@ -105,12 +105,14 @@ def run_launch(
     exp_root: Optional[str] = None,
     timeout: float = 900,
     env: Optional[dict] = None,
+    gpu: str = "0",
 ) -> str:
     """Run ``python launch.py --config CONFIG MODE OVERRIDES...`` on the CPU in THREESTUDIO_ROOT.
 
     The pack is linked into ``custom/`` first.  ``exp_root`` defaults to ``<cache>/outputs``.  Returns the
     trial folder (``exp_root/name/tag``) -- the newest if several.  Raises ``RuntimeError`` with the tail of
-    the output if launch.py fails or prints ``IMPORT FAILED``.
+    the output if launch.py fails or prints ``IMPORT FAILED``.  ``gpu="0,1"``: launch.py's ``--gpu 0,1`` (multi-GPU)
+    path, run as 2 CPU processes under Lightning DDP on the gloo backend (see ``cpu_launch.py``).
     """
     root = threestudio_root()
     if root is None:
@@ -125,7 +127,7 @@ def run_launch(
         os.path.abspath(config),
         mode,
         "--gpu",
-        "0",
+        gpu,
         f"exp_root_dir={exp_root}",
         *overrides,
     ]
@@ -134,6 +136,8 @@ def run_launch(
     run_env.setdefault("HF_HUB_OFFLINE", "1")
     run_env.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_env.setdefault("WANDB_MODE", "disabled")
+    # --gpu 0,1: launch.py's multi-GPU path, run as that many CPU DDP processes (gloo) by cpu_launch.py
+    run_env["SCOREDISTILL_CPU_DEVICES"] = str(len(gpu.split(",")))
     if env:
         run_env.update(env)
     proc = subprocess.run(cmd, cwd=root, env=run_env, capture_output=True, text=True, timeout=timeout)

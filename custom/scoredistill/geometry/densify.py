@@ -20,6 +20,7 @@ gsplat's ``strategy.ops.reset_opa`` (idempotent, so a fixed gsplat would not res
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import fields
 from typing import Any, Dict, Optional
@@ -144,14 +145,68 @@ class GaussianDensifier:
             means2d = info.get("means2d")
             if means2d is not None and means2d.grad is not None:
                 packed = self.packed or info.get("gaussian_ids") is not None  # gsplat packed=True info
-                self.strategy.step_post_backward(params, optimizers, self.state, step, info, packed=packed)
+                with self._distributed(step, params["means"].device):
+                    self.strategy.step_post_backward(params, optimizers, self.state, step, info, packed=packed)
             if self.opacity_reset and step > 0 and step % self.strategy.reset_every == 0 and step < self.strategy.refine_stop_iter:
                 from gsplat.strategy.ops import reset_opa
 
                 reset_opa(params=params, optimizers=optimizers, state=self.state, value=self.strategy.prune_opa * 2.0)
         elif self.type == "mcmc":
-            self.strategy.step_post_backward(params, optimizers, self.state, step, info, lr=float(lr or 0.0))
+            with self._distributed(step, params["means"].device):  # relocation / noise samples shared under DDP
+                self.strategy.step_post_backward(params, optimizers, self.state, step, info, lr=float(lr or 0.0))
         return {"before": n_before, "after": int(params["means"].shape[0])}
+
+    # ------------------------------------------------------------------ DDP (scoredistill.distributed)
+    @contextlib.contextmanager
+    def _distributed(self, step: int, device):
+        """Under DDP (several ranks): the running statistics are those of the union of the ranks' views and
+        the random split samples are shared, so every rank takes the same densification decisions.
+
+        * gsplat's ``_update_state`` runs on zero statistics, the increments (screen-space gradient norms,
+          visibility counts; max radii) are summed (max) over the ranks and then added to the state.  Each
+          rank's ``means2d.grad`` comes from its loss averaged over its ``B`` views and gsplat scales it by
+          ``n_cameras = B``; in one process with the ranks' ``N x B`` views the gradient is ``1/N`` of it and
+          the scale ``N x B`` -- the same value, so the union's statistics are exactly the sums.
+        * ``split`` draws ``torch.randn`` samples: they are drawn from a generator seeded with a seed shared by
+          the ranks (rank 0's, broadcast once) plus the step, so the new Gaussians are identical.
+
+        A no-op in a single process (gsplat's own code path, the process's generator)."""
+        from gsplat.strategy import DefaultStrategy
+
+        from scoredistill import distributed as dist
+
+        if not dist.is_distributed() or dist.sync_disabled("densify"):
+            yield
+            return
+        if getattr(self, "_shared_seed", None) is None:
+            self._shared_seed = dist.shared_seed()
+        strategy = self.strategy
+        if not isinstance(strategy, DefaultStrategy):  # MCMC: no gradient statistics, only shared samples
+            with dist.shared_rng(self._shared_seed + int(step), device):
+                yield
+            return
+        original = strategy._update_state
+
+        def update_state(params, state, info, packed=False):
+            keys = ("grad2d", "count", "radii")
+            inc = dict(state)
+            for k in keys:
+                inc[k] = None
+            original(params, inc, info, packed=packed)
+            dist.all_reduce_([inc["grad2d"], inc["count"]], op="sum")
+            if inc.get("radii") is not None:
+                dist.all_reduce_([inc["radii"]], op="max")
+            for k in ("grad2d", "count"):
+                state[k] = inc[k] if state[k] is None else state[k] + inc[k]
+            if inc.get("radii") is not None:
+                state["radii"] = inc["radii"] if state["radii"] is None else torch.maximum(state["radii"], inc["radii"])
+
+        strategy._update_state = update_state
+        try:
+            with dist.shared_rng(self._shared_seed + int(step), device):
+                yield
+        finally:
+            del strategy._update_state  # back to the class method
 
     def state_dict(self) -> Dict[str, Any]:
         return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
+from ..distributed import all_reduce_grads_
 
 VARIANTS = ("embedding", "lora")
 #: Paper A.1 (T3Bench, NeRF): CFG 1000 for both variants
@@ -393,6 +394,8 @@ class LODSLearner:
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.to(p.dtype)
+        # DDP: average over the ranks before any use of the gradient (union-batch Eq. 8/10; no-op in one process)
+        all_reduce_grads_(params, part="guidance")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_steps += 1

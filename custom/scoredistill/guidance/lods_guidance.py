@@ -35,6 +35,7 @@ import threestudio
 from threestudio.utils.misc import config_to_primitive
 
 from .._registry import register
+from ..distributed import broadcast_
 from .base import CheckpointedScoreDistillationGuidance
 from .checkpointing import CHECKPOINT_KEY
 from .lods import (
@@ -133,6 +134,9 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
             unet=self.unet,
             **self._lods_options(),
         )
+        # DDP: every rank starts from rank 0's α / LoRA ψ (the LoRA A init is random, seeded seed + rank);
+        # LODSLearner averages their gradients over the ranks before each step (scoredistill.distributed)
+        broadcast_(self.learner.parameters(), part="guidance_init")
         threestudio.info(
             f"LODS ({c.variant}): s={c.guidance_scale}, aux lr={self.learner.lr}, "
             f"{'merged' if c.merged_forward else 'separate'} Eq. {'8' if c.variant == 'embedding' else '10'} step"

@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scoredistill.distributed import all_reduce_grads_
 from scoredistill.core.diffusion import (
     WEIGHTING_STRATEGIES,
     EpsFn,
@@ -489,6 +490,8 @@ class VariationalDistributionMapping(nn.Module):
                 loss = operator_loss(out.float(), noise.float())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # DDP: average over the ranks before any use of the gradient (union-batch Eq. 17; no-op in one process)
+                all_reduce_grads_(self.model.parameters(), part="guidance")
                 self.optimizer.step()
                 self.num_updates += 1
                 if first_out is None:

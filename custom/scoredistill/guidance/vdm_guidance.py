@@ -32,6 +32,7 @@ import torch
 import threestudio
 
 from .._registry import register
+from ..distributed import broadcast_, convert_batchnorm, is_distributed, module_state_tensors
 from ..core.diffusion import add_noise
 from .base import CheckpointedScoreDistillationGuidance
 from .vdm import (
@@ -129,6 +130,11 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             kernel_size=c.operator_kernel_size,
             residual=c.operator_residual,
         ).to(self.device)
+        # DDP: BatchNorm with the union batch's statistics, ψ from rank 0 (its init is seeded seed + rank);
+        # VariationalDistributionMapping averages ψ's gradients over the ranks (scoredistill.distributed)
+        if is_distributed():
+            convert_batchnorm(model)
+        broadcast_(module_state_tensors(model), part="guidance_init")
         self.mapping = VariationalDistributionMapping(
             model, lr=c.operator_lr, optimizer=c.operator_optimizer, steps_per_iter=c.operator_steps_per_iter
         )

@@ -13,7 +13,11 @@ On top of it:
 * checkpoints hold the current (densified) Gaussians and the strategy's running state; resuming resizes the
   geometry first;
 * validation / test images and the test video like dreamfusion-system, and the PLY written at the end of
-  training (``system.save_ply_on_train_end``) and by ``--export`` (exporter ``gsplat-ply-exporter``).
+  training (``system.save_ply_on_train_end``) and by ``--export`` (exporter ``gsplat-ply-exporter``);
+* multi-GPU (``launch.py --gpu 0,1``, Lightning DDP): the system averages the gradients of its current
+  (densified) Gaussians over the ranks itself (DDP's own reduction, whose buckets hold the tensors of before
+  densification, is switched off), the densifier uses the union's statistics and a shared seed, and the PLY
+  and test video are written by rank 0 -- see :mod:`scoredistill.distributed` and ``docs/multi-gpu.md``.
 
 Extension points for other methods: :meth:`guidance_kwargs` (extra guidance arguments per step, e.g. a
 frozen source render for UDS editing) and :meth:`extra_losses` (additional named ``loss_*`` terms).
@@ -30,6 +34,7 @@ import threestudio
 from threestudio.systems.base import BaseLift3DSystem
 from threestudio.systems.utils import get_parameters, parse_scheduler
 
+from scoredistill import distributed
 from scoredistill._registry import register
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
@@ -124,6 +129,19 @@ class GsplatSystem(BaseLift3DSystem):
             self._pending_strategy_state = None
         self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
         self.guidance = threestudio.find(self.cfg.guidance_type)(self.cfg.guidance)
+        # DDP: densification replaces the parameter tensors, which DDP's buckets / hooks would not follow;
+        # DDP's reduction is switched off and on_before_optimizer_step averages the current gradients instead
+        if distributed.is_distributed() and not distributed.sync_disabled("system"):
+            distributed.disable_ddp_grad_sync(self.trainer.strategy.model)
+        distributed.warn_uneven_eval_views(getattr(getattr(self.trainer, "datamodule", None), "cfg", None), threestudio.warn)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # DDP: gradients of the optimizer's current parameters averaged over the ranks (union of their views),
+        # before anything reads them (no-op in one process)
+        distributed.all_reduce_grads_(
+            [p for g in optimizer.param_groups for p in g["params"]], part="system"
+        )
+        super().on_before_optimizer_step(optimizer)
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):
         if self.cfg.position_lr is not None and getattr(self, "_gs_optimizer", None) is not None:
@@ -235,19 +253,24 @@ class GsplatSystem(BaseLift3DSystem):
         )
 
     def on_test_epoch_end(self):
-        self.save_img_sequence(
-            f"it{self.true_global_step}-test", f"it{self.true_global_step}-test", r"(\d+)\.png",
-            save_format="mp4", fps=30, name="test", step=self.true_global_step,
-        )
+        if distributed.is_distributed():  # DDP: every rank wrote its share of the test views; one video
+            self.trainer.strategy.barrier()
+        if self.global_rank == 0:
+            self.save_img_sequence(
+                f"it{self.true_global_step}-test", f"it{self.true_global_step}-test", r"(\d+)\.png",
+                save_format="mp4", fps=30, name="test", step=self.true_global_step,
+            )
         threestudio.info(f"test rendered {self.geometry.num_gaussians} Gaussians")
 
     def on_train_end(self) -> None:
-        if self.cfg.save_ply_on_train_end and self._save_dir is not None:
+        if self.cfg.save_ply_on_train_end and self._save_dir is not None and self.global_rank == 0:  # DDP: once
             path = self.save_gaussian_ply(f"it{self.true_global_step}-export/{self.cfg.ply_name}", dict(self.geometry.params.items()))
             threestudio.info(f"saved {self.geometry.num_gaussians} Gaussians to {path}")
 
     # SaverMixin-style saver used by the gsplat-ply-exporter (save_type "gaussian_ply")
     def save_gaussian_ply(self, filename: str, params: Dict[str, torch.Tensor]) -> str:
+        if self.global_rank != 0:  # DDP (e.g. --export on N GPUs): the ranks hold the same Gaussians; write once
+            return self.get_save_path(filename)
         return save_gaussians_ply(self.get_save_path(filename), params)
 
     # SaverMixin-style saver used by the gsplat-mesh-exporter (save_type "gsplat_mesh")
