@@ -164,7 +164,10 @@ class ScoreDistillationGuidance(BaseObject):
                 raise ValueError(f"grad_clip must be > 0 (or null to disable), got {clip_vals}")
 
     def configure(self) -> None:
-        self.validate_config()
+        from ..validation import run_qualified
+
+        # errors name the full setting (system.guidance.guidance_scale), not the bare field
+        run_qualified(self.validate_config, "system.guidance", type(self).Config)
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         path = self.cfg.pretrained_model_name_or_path
