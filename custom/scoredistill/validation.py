@@ -34,15 +34,24 @@ def _field_names(config_cls) -> list:
 
 
 def qualify_message(message: str, prefix: str, names: Iterable[str]) -> str:
-    """``message`` with every bare occurrence of a setting in ``names`` written as ``{prefix}.{name}``.
+    """``message`` with the bare settings of ``names`` it mentions written as ``{prefix}.{name}``.
 
-    A name already preceded by ``.`` or a word character (``system.guidance.x``, ``my_x``) is left alone.
+    Names with an underscore (``guidance_scale``, ``min_step_percent``) are qualified wherever they appear as a
+    whole word not already preceded by ``.``; one-word names (``mode``, ``trajectory``), which may be plain
+    English, only at the start of the message or right after a ``"<class>: "`` prefix.
     """
     names = sorted({n for n in names if n}, key=len, reverse=True)
     if not names:
         return message
-    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(n) for n in names) + r")(?![\w])")
-    return pattern.sub(lambda m: f"{prefix}.{m.group(1)}", message)
+    multi = [n for n in names if "_" in n]
+    single = [n for n in names if "_" not in n]
+    if multi:
+        pattern = re.compile(r"(?<![\w.\-])(" + "|".join(re.escape(n) for n in multi) + r")(?![\w])")
+        message = pattern.sub(lambda m: f"{prefix}.{m.group(1)}", message)
+    if single:
+        pattern = re.compile(r"^((?:[\w\-]+: )?)(" + "|".join(re.escape(n) for n in single) + r")(?![\w.])")
+        message = pattern.sub(lambda m: f"{m.group(1)}{prefix}.{m.group(2)}", message, count=1)
+    return message
 
 
 def run_qualified(fn, prefix: str, config_cls) -> None:
@@ -108,7 +117,15 @@ def _check_finite_tree(value: Any, name: str) -> None:
 
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, str):
+        try:  # "nan" / "inf" from a dotlist override stay strings in untyped config dicts
+            number = float(value)
+        except ValueError:
+            return
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return
+    if isinstance(value, bool) or value is None:
         return
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
