@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scoredistill.geometry import gaussians as G
-from scoredistill.geometry.densify import GaussianDensifier, group_views, validate_strategy_config
+from scoredistill.geometry.densify import GaussianDensifier, group_views
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -137,6 +137,8 @@ def test_bad_densification_settings_are_refused(opts, match):
 
 def test_absgrad_and_packed_need_the_renderers_output():
     # before: AttributeError (means2d.absgrad) / TypeError mid-run
+    from scoredistill.geometry.densify import validate_strategy_config
+
     with pytest.raises(ValueError, match=r"system.strategy.absgrad: true .* system.renderer.absgrad: true"):
         validate_strategy_config({"absgrad": True}, {"absgrad": False})
     with pytest.raises(ValueError, match=r"system.strategy.packed: true needs .*system.renderer.packed: true"):
@@ -209,7 +211,9 @@ def test_import_scoredistill_next_to_a_threestudio_checkout(tmp_path):
     (tmp_path / "threestudio" / "threestudio").mkdir(parents=True)
     (tmp_path / "threestudio" / "launch.py").write_text("")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = os.path.join(REPO, "custom")
+    import scoredistill
+
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(scoredistill.__file__)))  # the code under test
     code = "import sys, scoredistill; print(scoredistill.THREESTUDIO_AVAILABLE, 'threestudio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -304,3 +308,36 @@ def test_system_settings_are_refused_before_shap_e_and_models_load(threestudio_m
 def cfg_type(config):
     return {"ge3d-gs.yaml": "gsplat-system", "gs-sds.yaml": "gsplat-system", "uds-gs.yaml": "gsplat-system",
             "vdm-gs.yaml": "gsplat-system", "lods-embedding-gs.yaml": "gsplat-system"}[config]
+
+
+# ------------------------------------------------------------------------------ finding 4: failed start, launch.py
+@pytest.mark.threestudio
+@pytest.mark.slow
+def test_failed_start_keeps_the_trials_config_files(tmp_path):
+    """``launch.py --config <trial>/configs/parsed.yaml --train <override that fails at start>`` must leave the
+    trial's ``configs/parsed.yaml`` and ``raw.yaml`` as they were.  Before: threestudio's ConfigSnapshotCallback
+    rewrote both in ``on_fit_start``, before the guidance loaded and failed."""
+    from harness import import_threestudio, run_launch, tiny_overrides, tiny_sd_path
+
+    import_threestudio()
+    from threestudio.utils.config import dump_config, load_config
+
+    sd = tiny_sd_path()
+    exp_root = str(tmp_path / "outputs")
+    overrides = tiny_overrides(sd, "system.geometry.init=sphere", "system.geometry.num_points=50",
+                               "system.geometry.upsample_to=0", "data.batch_size=1", max_steps=1)
+    cfg = load_config(os.path.join(REPO, "configs", "ge3d-gs.yaml"), cli_args=overrides + [f"exp_root_dir={exp_root}"], n_gpus=1)
+    configs = os.path.join(cfg.trial_dir, "configs")
+    os.makedirs(configs)
+    parsed = os.path.join(configs, "parsed.yaml")
+    dump_config(parsed, cfg)
+    with open(os.path.join(configs, "raw.yaml"), "w") as f:
+        f.write("# the trial's original raw config\n")
+    before = {n: open(os.path.join(configs, n), "rb").read() for n in ("parsed.yaml", "raw.yaml")}
+    with pytest.raises(RuntimeError) as e:  # the guidance fails to load in on_fit_start
+        run_launch(parsed, ["system.guidance.pretrained_model_name_or_path=/nonexistent-model"], exp_root=exp_root,
+                   timeout=600)
+    assert "nonexistent-model" in str(e.value)
+    after = {n: open(os.path.join(configs, n), "rb").read() for n in ("parsed.yaml", "raw.yaml")}
+    assert after == before
+    assert not os.path.exists(os.path.join(cfg.trial_dir, "ckpts"))
