@@ -34,23 +34,26 @@ def _field_names(config_cls) -> list:
 
 
 def qualify_message(message: str, prefix: str, names: Iterable[str]) -> str:
-    """``message`` with the bare settings of ``names`` it mentions written as ``{prefix}.{name}``.
+    """``message`` with the first bare setting of ``names`` it mentions written as ``{prefix}.{name}``.
 
-    Names with an underscore (``guidance_scale``, ``min_step_percent``) are qualified wherever they appear as a
-    whole word not already preceded by ``.``; one-word names (``mode``, ``trajectory``), which may be plain
-    English, only at the start of the message or right after a ``"<class>: "`` prefix.
+    The first mention is the setting at fault (``min_step_percent (0.5) must be <= max_step_percent``).  Names with
+    an underscore (``guidance_scale``) are looked for anywhere as a whole word not already preceded by ``.``;
+    one-word names (``mode``, ``trajectory``), which may be plain English, only at the start of the message or
+    right after a ``"<class>: "`` prefix.  A message that already names a ``system.`` setting is left as it is.
     """
     names = sorted({n for n in names if n}, key=len, reverse=True)
-    if not names:
+    if not names or message.startswith("system.") or re.match(r"^[\w\-]+: system\.", message):
         return message
-    multi = [n for n in names if "_" in n]
     single = [n for n in names if "_" not in n]
-    if multi:
-        pattern = re.compile(r"(?<![\w.\-])(" + "|".join(re.escape(n) for n in multi) + r")(?![\w])")
-        message = pattern.sub(lambda m: f"{prefix}.{m.group(1)}", message)
     if single:
         pattern = re.compile(r"^((?:[\w\-]+: )?)(" + "|".join(re.escape(n) for n in single) + r")(?![\w.])")
-        message = pattern.sub(lambda m: f"{m.group(1)}{prefix}.{m.group(2)}", message, count=1)
+        out = pattern.sub(lambda m: f"{m.group(1)}{prefix}.{m.group(2)}", message, count=1)
+        if out != message:
+            return out
+    multi = [n for n in names if "_" in n]
+    if multi:
+        pattern = re.compile(r"(?<![\w.\-])(" + "|".join(re.escape(n) for n in multi) + r")(?![\w])")
+        return pattern.sub(lambda m: f"{prefix}.{m.group(1)}", message, count=1)
     return message
 
 
@@ -157,12 +160,6 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
     if source_prompt is not None and (not isinstance(source_prompt, str) or not source_prompt.strip()):
         raise ValueError(f"system.source_prompt must be a non-empty text prompt or null, got {source_prompt!r}")
     validate_guidance_settings(cfg.guidance_type, cfg.guidance if guidance_cfg is None else guidance_cfg)
-    _check_finite_tree(cfg.loss, "system.loss")
-    _check_finite_tree(cfg.optimizer, "system.optimizer")
-    for key in ("geometry", "material", "background", "renderer"):
-        typ = getattr(cfg, f"{key}_type", None)
-        if typ:
-            _check_finite_tree(getattr(cfg, key), f"system.{key}")
     geo_cls = threestudio.find(cfg.geometry_type)
     from scoredistill.geometry.gaussian_splatting import GsplatGaussianSplatting, check_gaussian_geometry_config
 
@@ -178,6 +175,13 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
 
         renderer = cfg.renderer if issubclass(ren_cls, GsplatRasterizer) else {}
         validate_strategy_config(dict(cfg.strategy or {}), dict(renderer or {}))
+    # every other number the system reads (after the specific checks above, whose messages give the range)
+    _check_finite_tree(cfg.loss, "system.loss")
+    _check_finite_tree(cfg.optimizer, "system.optimizer")
+    for key in ("geometry", "material", "background", "renderer"):
+        typ = getattr(cfg, f"{key}_type", None)
+        if typ:
+            _check_finite_tree(getattr(cfg, key), f"system.{key}")
     exp_type = getattr(cfg, "exporter_type", None)
     if exp_type:
         exp_cls = threestudio.find(exp_type)

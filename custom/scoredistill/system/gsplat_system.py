@@ -177,6 +177,11 @@ class GsplatSystem(BaseLift3DSystem):
 
     def training_step(self, batch, batch_idx):
         step = self.true_global_step
+        if self.geometry.num_gaussians == 0:  # otherwise an unrelated autograd error ("does not require grad")
+            raise RuntimeError(
+                f"gsplat-system: no Gaussians left to optimise at step {step} (all pruned: check "
+                f"system.strategy.prune_opa / prune_scale3d / prune_scale2d, or the init)"
+            )
         out = self(batch)
         info = out.get("gsplat_info") or {}
         if self.densifier.type != "none":
