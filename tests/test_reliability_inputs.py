@@ -341,3 +341,26 @@ def test_failed_start_keeps_the_trials_config_files(tmp_path):
     after = {n: open(os.path.join(configs, n), "rb").read() for n in ("parsed.yaml", "raw.yaml")}
     assert after == before
     assert not os.path.exists(os.path.join(cfg.trial_dir, "ckpts"))
+
+
+@pytest.mark.threestudio
+def test_uds_edit_source_keeps_its_sh_bands_from_step_0(threestudio_module, tmp_path):
+    """Issue 14 item 5: the UDS editing source (a degree-3 3DGS PLY) renders with its view-dependent colour from
+    step 0; with the config's default sh_degree 0 the PLY is refused instead of losing its 15 bands."""
+    p = _params(n=20, degree=3)
+    ply = G.save_gaussians_ply(str(tmp_path / "asset.ply"), p)
+    base = ["system.prompt_processor.prompt=a red ball", "system.source_prompt=a ball", f"system.source_ply={ply}"]
+    cfg = _system_cfg(threestudio_module, "uds-edit-gs.yaml", *base)
+    with pytest.raises(ValueError, match=r"asset.ply.*SH degree 3 .*system.geometry.sh_degree is 0"):
+        threestudio_module.find("gsplat-edit-system")(cfg)
+    cfg = _system_cfg(threestudio_module, "uds-edit-gs.yaml", *base, "system.geometry.sh_degree=3")
+    system = threestudio_module.find("gsplat-edit-system")(cfg)
+    assert system.geometry.active_sh_degree == 3  # before: 0 until step 3000
+    system.geometry.do_update_step(0, 0)
+    assert system.geometry.active_sh_degree == 3
+    assert torch.equal(system._source["geometry"].params["shN"].detach(), p["shN"])
+    # the resumed run (init -> empty) keeps the floor from the PLY header
+    resumed = threestudio_module.find("gsplat-edit-system")(
+        _system_cfg(threestudio_module, "uds-edit-gs.yaml", *base, "system.geometry.sh_degree=3"), resumed=True
+    )
+    assert resumed.geometry.num_gaussians == 0 and resumed.geometry.active_sh_degree == 3
