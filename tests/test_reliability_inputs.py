@@ -364,3 +364,27 @@ def test_uds_edit_source_keeps_its_sh_bands_from_step_0(threestudio_module, tmp_
         _system_cfg(threestudio_module, "uds-edit-gs.yaml", *base, "system.geometry.sh_degree=3"), resumed=True
     )
     assert resumed.geometry.num_gaussians == 0 and resumed.geometry.active_sh_degree == 3
+
+
+@pytest.mark.threestudio
+def test_exporter_temp_folder_is_removed_and_ply_has_umask_mode(threestudio_module):
+    """Finding 7: ``save_via_file`` left its ``gsplat-ply-*`` temporary folder behind, and the PLY was 0600."""
+    import gc
+
+    geo = threestudio_module.find("gsplat-gaussian-splatting")({"init": "sphere", "num_points": 5})
+    exporter = threestudio_module.find("gsplat-ply-exporter")({"save_via_file": True}, geometry=geo, material=None,
+                                                             background=None)
+    first = exporter()[0].params["src_path"]
+    assert (os.stat(first).st_mode & 0o777) == (0o666 & ~_umask())
+    second = exporter()[0].params["src_path"]
+    assert os.path.isfile(second) and not os.path.exists(os.path.dirname(first))
+    assert G.load_gaussians_ply(second)["means"].shape == (5, 3)
+    del exporter
+    gc.collect()
+    assert not os.path.exists(os.path.dirname(second))
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
