@@ -20,7 +20,6 @@ frozen source render for UDS editing) and :meth:`extra_losses` (additional named
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -95,6 +94,8 @@ class GsplatSystem(BaseLift3DSystem):
         defer_config_snapshot(getattr(self, "_trainer", None))
 
     def _position_lr(self, step: int) -> float:
+        import math
+
         p = dict(self.cfg.position_lr)
         for key in ("lr_init", "lr_final", "max_steps", "delay_steps", "delay_mult"):
             v = p.get(key)
