@@ -57,7 +57,9 @@ def test_ply_load_changes_sh_degree_and_rejects_other_plys(tmp_path):
     up = G.load_gaussians_ply(path, sh_degree=2)
     assert up["shN"].shape == (4, 8, 3)
     assert torch.equal(up["shN"][:, :3], params["shN"]) and not up["shN"][:, 3:].any()
-    down = G.load_gaussians_ply(path, sh_degree=0)
+    with pytest.raises(ValueError, match="SH degree 1 .* sh_degree is 0"):
+        G.load_gaussians_ply(path, sh_degree=0)  # bands are never dropped silently (3DGS's loader asserts)
+    down = G.load_gaussians_ply(path, sh_degree=0, drop_sh_bands=True)
     assert down["shN"].shape == (4, 0, 3)
     pc = tmp_path / "pc.ply"
     _write_point_cloud(pc, np.zeros((3, 3), np.float32), None)

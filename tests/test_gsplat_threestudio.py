@@ -114,9 +114,9 @@ def _geometry(threestudio_module, **cfg):
 def test_geometry_config_errors_before_anything_loads(threestudio_module):
     with pytest.raises(ValueError, match="geometry.init must be one of"):
         _geometry(threestudio_module, init="cube")
-    with pytest.raises(ValueError, match="needs geometry.init_path"):
+    with pytest.raises(ValueError, match="needs system.geometry.init_path"):
         _geometry(threestudio_module, init="mesh")
-    with pytest.raises(ValueError, match="needs geometry.shap_e_prompt"):
+    with pytest.raises(ValueError, match="needs system.geometry.shap_e_prompt"):
         _geometry(threestudio_module, init="shap_e")  # raised before ShapEPipeline would download anything
     with pytest.raises(ValueError, match="sh_degree must be in 0..3"):
         _geometry(threestudio_module, sh_degree=5)
@@ -137,11 +137,15 @@ def test_geometry_state_dict_resizes_and_ply_init(threestudio_module, tmp_path):
     again = _geometry(threestudio_module, init="ply", init_path=ply, sh_degree=1)
     for k in small.params:
         assert torch.equal(again.params[k], small.params[k])
-    # progressive SH degree
-    again.do_update_step(0, 999)
-    assert again.active_sh_degree == 0
-    again.do_update_step(0, 1000)
+    # init: ply starts at the file's SH degree (issue 14 item 5); the schedule never lowers it
     assert again.active_sh_degree == 1
+    again.do_update_step(0, 0)
+    assert again.active_sh_degree == 1
+    # progressive SH degree of 3DGS for the other initialisers
+    small.do_update_step(0, 999)
+    assert small.active_sh_degree == 0
+    small.do_update_step(0, 1000)
+    assert small.active_sh_degree == 1
 
 
 def test_rasterizer_outputs_and_background(threestudio_module):

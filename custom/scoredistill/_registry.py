@@ -66,6 +66,28 @@ def register(name: str):
     return decorator
 
 
+def threestudio_importable() -> bool:
+    """Whether ``import threestudio`` gives the real threestudio package.
+
+    A threestudio *checkout* in the current folder (``./threestudio/`` holding ``launch.py`` and the package in
+    ``./threestudio/threestudio/``) imports as an empty namespace package when the real package is not on
+    ``sys.path``; taking it for threestudio crashed ``import scoredistill`` with
+    ``No module named 'threestudio.models'``.  Such a namespace module is removed from ``sys.modules`` again
+    (so a later, correct ``sys.path`` can import the real package) and counts as "not importable".
+    """
+    import sys
+
+    try:
+        import threestudio
+    except ImportError:
+        return False
+    if getattr(threestudio, "__file__", None) is None or not hasattr(threestudio, "register"):
+        if sys.modules.get("threestudio") is threestudio:
+            del sys.modules["threestudio"]
+        return False
+    return True
+
+
 def register_with_threestudio() -> bool:
     """Import every adapter module (registering its classes) if threestudio is importable.
 
@@ -73,9 +95,7 @@ def register_with_threestudio() -> bool:
     Adapter modules that do not exist yet are skipped; an adapter that exists but fails
     to import raises, so a broken adapter is never silently missing.
     """
-    try:
-        import threestudio  # noqa: F401
-    except ImportError:
+    if not threestudio_importable():
         return False
     package = __name__.rsplit(".", 1)[0]
     for rel in _ADAPTER_MODULES:

@@ -7,7 +7,9 @@ With ``gsplat-system`` the PLY is written atomically by the system's ``save_gaus
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import List
@@ -27,9 +29,17 @@ class GsplatPlyExporter(Exporter):
 
     cfg: Config
 
+    @staticmethod
+    def check_config(c, prefix: str = "system.exporter") -> None:
+        """``save_name``: a relative file name ending in ``.ply`` (no ``..``, not absolute)."""
+        name = c.save_name
+        if not isinstance(name, str) or not name.endswith(".ply") or len(name) <= 4:
+            raise ValueError(f"{prefix}.save_name must be a file name ending with .ply, got {name!r}")
+        if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+            raise ValueError(f"{prefix}.save_name must be relative to the trial's save folder, got {name!r}")
+
     def configure(self, geometry, material, background) -> None:
-        if not self.cfg.save_name.endswith(".ply"):
-            raise ValueError(f"exporter.save_name must end with .ply, got {self.cfg.save_name!r}")
+        self.check_config(self.cfg)
         if not hasattr(geometry, "export_params"):
             raise ValueError(
                 f"gsplat-ply-exporter needs a Gaussian geometry (gsplat-gaussian-splatting), got {type(geometry).__name__}"
@@ -39,7 +49,24 @@ class GsplatPlyExporter(Exporter):
     def __call__(self) -> List[ExporterOutput]:
         params = self.geometry.export_params()
         if self.cfg.save_via_file:
+            # threestudio's save_file copies src_path into the trial after this returns; the folder is removed
+            # at the next call and when the process exits (it used to be left in /tmp)
+            self._remove_temp_folder()
             folder = tempfile.mkdtemp(prefix="gsplat-ply-")
-            src = save_gaussians_ply(os.path.join(folder, self.cfg.save_name), params)
+            self._temp_folder = folder
+            atexit.register(shutil.rmtree, folder, True)
+            src = save_gaussians_ply(os.path.join(folder, os.path.basename(self.cfg.save_name)), params)
             return [ExporterOutput(save_name=self.cfg.save_name, save_type="file", params={"src_path": src})]
         return [ExporterOutput(save_name=self.cfg.save_name, save_type="gaussian_ply", params={"params": params})]
+
+    def _remove_temp_folder(self) -> None:
+        folder = getattr(self, "_temp_folder", None)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._temp_folder = None
+
+    def __del__(self):
+        try:
+            self._remove_temp_folder()
+        except Exception:
+            pass

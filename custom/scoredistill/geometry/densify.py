@@ -29,6 +29,106 @@ import torch
 
 STRATEGY_TYPES = ("default", "mcmc", "none")
 
+#: allowed ranges of the gsplat strategy fields: name -> (lo, hi, lo_open, hi_open, integer)
+_DEFAULT_RANGES = {
+    "prune_opa": (0.0, 1.0, False, True, False),
+    "grow_grad2d": (0.0, None, False, False, False),  # 0 = grow every visible Gaussian
+    "grow_scale3d": (0.0, None, True, False, False),
+    "grow_scale2d": (0.0, None, True, False, False),
+    "prune_scale3d": (0.0, None, True, False, False),
+    "prune_scale2d": (0.0, None, True, False, False),
+    "refine_scale2d_stop_iter": (0, None, False, False, True),
+    "refine_start_iter": (0, None, False, False, True),
+    "refine_stop_iter": (0, None, False, False, True),
+    "reset_every": (1, None, False, False, True),
+    "refine_every": (1, None, False, False, True),
+    "pause_refine_after_reset": (0, None, False, False, True),
+}
+_MCMC_RANGES = {
+    "cap_max": (1, None, False, False, True),
+    "noise_lr": (0.0, None, False, False, False),
+    "refine_start_iter": (0, None, False, False, True),
+    "refine_stop_iter": (0, None, False, False, True),
+    "refine_every": (1, None, False, False, True),
+    "min_opacity": (0.0, 1.0, False, True, False),
+}
+
+
+def _check_number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> None:
+    import math as _m
+
+    rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and _m.isfinite(v)
+    ok = ok and (not integer or float(v).is_integer())
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in {rng}, got {v!r}")
+
+
+def validate_strategy_config(cfg: Optional[Dict[str, Any]], renderer_cfg: Optional[Dict[str, Any]] = None,
+                             prefix: str = "system.strategy", renderer_prefix: str = "system.renderer") -> None:
+    """Check a densification config (``system.strategy``) without building anything.
+
+    Ranges: ``prune_opa`` in [0, 1); ``grow_grad2d``, ``grow_scale*``, ``prune_scale*`` > 0;
+    ``refine_every``, ``reset_every`` >= 1 (gsplat takes ``step % every``); iteration counts >= 0;
+    ``scene_scale`` > 0; ``max_num`` >= 0 (0 = no cap; ``default`` only, MCMC has ``cap_max``); MCMC
+    ``cap_max`` >= 1, ``noise_lr`` >= 0, ``min_opacity`` in [0, 1); every number finite.  ``absgrad: true``
+    and ``packed: true`` need the renderer's matching output (``{renderer_prefix}.absgrad`` / ``.packed``).
+
+    Raises:
+        ValueError: naming the full dotted setting and its allowed range.
+    """
+    from gsplat.strategy import DefaultStrategy, MCMCStrategy
+
+    cfg = dict(cfg or {})
+    typ = cfg.pop("type", "default")
+    if typ not in STRATEGY_TYPES:
+        raise ValueError(f"{prefix}.type must be one of {STRATEGY_TYPES}, got {typ!r}")
+    if "scene_scale" in cfg:
+        _check_number(f"{prefix}.scene_scale", cfg.pop("scene_scale"), 0.0, None, True)
+    for flag in ("opacity_reset", "packed"):
+        if flag in cfg and not isinstance(cfg[flag], bool):
+            raise ValueError(f"{prefix}.{flag} must be true or false, got {cfg[flag]!r}")
+    packed = bool(cfg.pop("packed", False))
+    cfg.pop("opacity_reset", None)
+    max_num = cfg.pop("max_num", 0)
+    _check_number(f"{prefix}.max_num", max_num, 0, None, integer=True)
+    if typ == "none":
+        return
+    cls = DefaultStrategy if typ == "default" else MCMCStrategy
+    allowed = {f.name for f in fields(cls)}
+    bad = sorted(set(cfg) - allowed)
+    if bad:
+        raise ValueError(
+            f"{prefix}: strategy options {bad} are not fields of gsplat {cls.__name__} "
+            f"(allowed: {sorted(allowed | {'type', 'scene_scale', 'opacity_reset', 'packed', 'max_num'})})"
+        )
+    if typ == "mcmc" and max_num:
+        raise ValueError(f"{prefix}.max_num is for type: default; MCMC caps the count with {prefix}.cap_max")
+    ranges = _DEFAULT_RANGES if typ == "default" else _MCMC_RANGES
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, (lo, hi, lo_open, hi_open, integer) in ranges.items():
+        _check_number(f"{prefix}.{name}", cfg.get(name, defaults[name]), lo, hi, lo_open, hi_open, integer)
+    for flag in ("absgrad", "revised_opacity", "verbose"):
+        if flag in cfg and not isinstance(cfg[flag], bool):
+            raise ValueError(f"{prefix}.{flag} must be true or false, got {cfg[flag]!r}")
+    if typ == "default" and cfg.get("key_for_gradient", "means2d") != "means2d":
+        raise ValueError(f"{prefix}.key_for_gradient must be 'means2d' (gsplat-rasterizer's output), got {cfg['key_for_gradient']!r}")
+    r = dict(renderer_cfg or {})
+    if typ == "default" and cfg.get("absgrad", False) and not r.get("absgrad", False):
+        raise ValueError(
+            f"{prefix}.absgrad: true reads the absolute 2D gradients, which the renderer only computes with "
+            f"{renderer_prefix}.absgrad: true (gsplat CUDA); set both or neither"
+        )
+    if packed and not r.get("packed", False):
+        raise ValueError(
+            f"{prefix}.packed: true needs packed rasterizer output ({renderer_prefix}.packed: true, gsplat CUDA); "
+            f"leave {prefix}.packed unset: the densifier detects packed output by itself"
+        )
+
 
 class GroupView:
     """One parameter group of a shared ``torch.optim.Optimizer``, looking like a one-group optimizer."""
@@ -111,6 +211,9 @@ class GaussianDensifier:
         self.type = cfg.pop("type", "default")
         if self.type not in STRATEGY_TYPES:
             raise ValueError(f"strategy.type must be one of {STRATEGY_TYPES}, got {self.type!r}")
+        validate_strategy_config(dict(cfg, type=self.type), {"absgrad": True, "packed": True})  # ranges, finiteness
+        #: cap on the Gaussian count (threestudio-3dgs's ``max_num``); 0 = no cap
+        self.max_num = int(cfg.pop("max_num", 0))
         self.scene_scale = float(cfg.pop("scene_scale", 1.0))
         self.opacity_reset = bool(cfg.pop("opacity_reset", True))
         self.packed = bool(cfg.pop("packed", False))
@@ -132,6 +235,11 @@ class GaussianDensifier:
     def check_device(self, device: torch.device) -> None:
         if self.type == "mcmc" and torch.device(device).type != "cuda":
             raise ValueError("strategy.type='mcmc' needs CUDA (gsplat's MCMC relocation kernels); use 'default' on CPU")
+        if torch.device(device).type != "cuda":
+            if self.type == "default" and self.strategy.absgrad:
+                raise ValueError("system.strategy.absgrad: true needs gsplat's CUDA rasterizer (the CPU fallback has no absgrad)")
+            if self.packed:
+                raise ValueError("system.strategy.packed: true needs gsplat's CUDA rasterizer (the CPU fallback is non-packed)")
 
     def pre_backward(self, params, optimizers, step: int, info: Dict[str, Any]) -> None:
         if self.type == "default" and info.get("means2d") is not None and info["means2d"].requires_grad:
@@ -144,9 +252,21 @@ class GaussianDensifier:
         if self.type == "default":
             means2d = info.get("means2d")
             if means2d is not None and means2d.grad is not None:
-                packed = self.packed or info.get("gaussian_ids") is not None  # gsplat packed=True info
-                with self._distributed(step, params["means"].device):
-                    self.strategy.step_post_backward(params, optimizers, self.state, step, info, packed=packed)
+                is_packed = info.get("gaussian_ids") is not None  # gsplat packed=True info
+                if self.packed and not is_packed:
+                    raise ValueError("system.strategy.packed: true but the renderer's output is not packed (set system.renderer.packed: true on CUDA)")
+                if self.strategy.absgrad and getattr(means2d, "absgrad", None) is None:
+                    raise ValueError("system.strategy.absgrad: true but the renderer computed no absgrad (set system.renderer.absgrad: true on CUDA)")
+                at_cap = self.max_num > 0 and n_before >= self.max_num
+                saved = self.strategy.grow_grad2d
+                if at_cap:  # threestudio-3dgs: no densification once the count reaches max_num (pruning goes on)
+                    self.strategy.grow_grad2d = float("inf")
+                try:
+                    with self._distributed(step, params["means"].device):
+                        self.strategy.step_post_backward(params, optimizers, self.state, step, info, packed=is_packed)
+                finally:
+                    self.strategy.grow_grad2d = saved
+                self._enforce_max_num(params, optimizers)
             if self.opacity_reset and step > 0 and step % self.strategy.reset_every == 0 and step < self.strategy.refine_stop_iter:
                 from gsplat.strategy.ops import reset_opa
 
@@ -207,6 +327,18 @@ class GaussianDensifier:
                 yield
         finally:
             del strategy._update_state  # back to the class method
+
+    def _enforce_max_num(self, params, optimizers) -> None:
+        """Hard cap: a refinement that overshoots ``max_num`` drops the least opaque Gaussians (gsplat's ``remove``)."""
+        n = int(params["means"].shape[0])
+        if self.max_num <= 0 or n <= self.max_num:
+            return
+        from gsplat.strategy.ops import remove
+
+        order = torch.argsort(params["opacities"].detach().reshape(n), descending=True, stable=True)
+        mask = torch.zeros(n, dtype=torch.bool, device=params["means"].device)
+        mask[order[self.max_num:]] = True
+        remove(params=params, optimizers=optimizers, state=self.state, mask=mask)
 
     def state_dict(self) -> Dict[str, Any]:
         return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}

@@ -9,6 +9,7 @@ stored shapes (checkpoints of densified models load into a freshly initialised g
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -60,6 +61,12 @@ class GsplatGaussianSplatting(BaseGeometry):
         shap_e_num_inference_steps: int = 64
         shap_e_frame_size: int = 256
         seed: int = 0
+        #: init: ply / load_ply with a file of a HIGHER SH degree than sh_degree: false = refuse (3DGS's loader
+        #: asserts the band count), true = drop the extra bands explicitly. A lower degree is zero-padded.
+        drop_sh_bands: bool = False
+        #: active SH degree at step 0; null = 0, or the PLY's degree for init: ply (the imported asset keeps
+        #: its view-dependent colour from the first step); the 3DGS schedule never lowers it
+        initial_active_sh_degree: Optional[int] = None
 
     cfg: Config
 
@@ -67,32 +74,20 @@ class GsplatGaussianSplatting(BaseGeometry):
         super().configure()
         self._check_config()
         self.max_sh_degree = int(self.cfg.sh_degree)
-        self.active_sh_degree = 0 if self.cfg.sh_degree_interval > 0 else self.max_sh_degree
         params = self._initial_params()
+        floor = self.cfg.initial_active_sh_degree
+        if floor is None:
+            floor = getattr(self, "_file_sh_degree", 0)
+        #: the 3DGS schedule starts here (a PLY's own degree for init: ply) and never goes below it
+        self.min_active_sh_degree = min(int(floor), self.max_sh_degree)
+        self.active_sh_degree = (
+            max(self.min_active_sh_degree, 0) if self.cfg.sh_degree_interval > 0 else self.max_sh_degree
+        )
         self.params = nn.ParameterDict({k: nn.Parameter(v.contiguous()) for k, v in params.items()})
 
     # ------------------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        c = self.cfg
-        if c.init not in INIT_METHODS:
-            raise ValueError(f"geometry.init must be one of {INIT_METHODS}, got {c.init!r}")
-        G.num_sh_bases(c.sh_degree)  # raises for degree outside 0..3
-        if c.init in ("point_cloud", "mesh", "ply") and not c.init_path:
-            raise ValueError(f"geometry.init={c.init!r} needs geometry.init_path")
-        if c.init == "shap_e" and not c.shap_e_prompt:
-            raise ValueError("geometry.init='shap_e' needs geometry.shap_e_prompt")
-        if c.num_points < 1:
-            raise ValueError(f"geometry.num_points must be >= 1, got {c.num_points}")
-        if not 0.0 < c.init_opacity < 1.0:
-            raise ValueError(f"geometry.init_opacity must be in (0, 1), got {c.init_opacity}")
-        if c.init_radius <= 0:
-            raise ValueError(f"geometry.init_radius must be > 0, got {c.init_radius}")
-        if c.init_scale is not None and c.init_scale <= 0:
-            raise ValueError(f"geometry.init_scale must be > 0 or null, got {c.init_scale}")
-        if c.upsample_to < 0 or c.upsample_jitter < 0 or c.upsample_color_jitter < 0:
-            raise ValueError("geometry.upsample_to, upsample_jitter and upsample_color_jitter must be >= 0")
-        if c.init_color is not None and (len(c.init_color) != 3 or not all(0.0 <= v <= 1.0 for v in c.init_color)):
-            raise ValueError(f"geometry.init_color must be 3 values in [0, 1] or null, got {c.init_color}")
+        check_gaussian_geometry_config(self.cfg, prefix=getattr(self, "_setting_prefix", "system.geometry"))
 
     def _initial_params(self) -> Dict[str, torch.Tensor]:
         c = self.cfg
@@ -103,15 +98,21 @@ class GsplatGaussianSplatting(BaseGeometry):
                 "means": torch.zeros(0, 3), "scales": torch.zeros(0, 3), "quats": torch.zeros(0, 4),
                 "opacities": torch.zeros(0), "sh0": torch.zeros(0, 1, 3), "shN": torch.zeros(0, k - 1, 3),
             }
+        prefix = getattr(self, "_setting_prefix", "system.geometry")
         if c.init == "ply":
-            return G.load_gaussians_ply(c.init_path, sh_degree=c.sh_degree)
+            loaded = G.load_gaussians_ply(
+                c.init_path, sh_degree=c.sh_degree, drop_sh_bands=c.drop_sh_bands,
+                setting=f"{prefix}.init_path", sh_setting=f"{prefix}.sh_degree",
+            )
+            self._file_sh_degree = min(G.ply_sh_degree(c.init_path), int(c.sh_degree))
+            return loaded
         colors = None
         if c.init == "sphere":
             points = G.sample_sphere(c.num_points, c.init_radius, surface=c.init_sphere_surface, generator=gen)
         elif c.init == "box":
             points = G.sample_box(c.num_points, c.init_radius, generator=gen)
         elif c.init == "point_cloud":
-            points, colors = G.load_point_cloud(c.init_path)
+            points, colors = G.load_point_cloud(c.init_path, setting=f"{prefix}.init_path")
         elif c.init == "mesh":
             verts, faces, vcol = G.load_mesh(c.init_path)
             points, colors = G.sample_mesh_surface(verts, faces, c.num_points, vcol, generator=gen)
@@ -172,7 +173,9 @@ class GsplatGaussianSplatting(BaseGeometry):
         return G.save_gaussians_ply(path, dict(self.params.items()))
 
     def load_ply(self, path: str) -> None:
-        loaded = G.load_gaussians_ply(path, sh_degree=self.max_sh_degree)
+        loaded = G.load_gaussians_ply(
+            path, sh_degree=self.max_sh_degree, drop_sh_bands=self.cfg.drop_sh_bands, sh_setting="system.geometry.sh_degree"
+        )
         dev = self.params["means"].device
         for k, v in loaded.items():
             self.params[k] = nn.Parameter(v.to(dev))
@@ -181,7 +184,8 @@ class GsplatGaussianSplatting(BaseGeometry):
         return {"gaussians": self.export_params()}
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):
-        self.active_sh_degree = G.active_sh_degree_at(global_step, self.max_sh_degree, self.cfg.sh_degree_interval)
+        scheduled = G.active_sh_degree_at(global_step, self.max_sh_degree, self.cfg.sh_degree_interval)
+        self.active_sh_degree = max(scheduled, int(getattr(self, "min_active_sh_degree", 0)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # densified checkpoints hold a different number of Gaussians: resize before copying
@@ -193,3 +197,70 @@ class GsplatGaussianSplatting(BaseGeometry):
                     torch.empty(state_dict[key].shape, dtype=cur.dtype, device=cur.device), requires_grad=cur.requires_grad
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_gaussian_geometry_config(c, prefix: str = "system.geometry") -> None:
+    """Validate a ``gsplat-gaussian-splatting`` config (parsed ``Config`` or dict-like) without loading anything.
+
+    Every number must be finite (NaN passes ``x <= 0`` checks, so finiteness is tested first).
+
+    Raises:
+        ValueError: naming the full dotted setting (``{prefix}.init_radius``, ...) and its allowed range.
+    """
+    def get(name):
+        return getattr(c, name) if not isinstance(c, dict) else c.get(name, getattr(GsplatGaussianSplatting.Config, name, None))
+
+    def num(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, allow_none=False):
+        v = get(name)
+        if v is None and allow_none:
+            return
+        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+        kind = "an integer" if integer else "a finite number"
+        ok = _finite(v) and (not integer or float(v).is_integer())
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            raise ValueError(f"{prefix}.{name} must be {kind} in {rng}{' or null' if allow_none else ''}, got {v!r}")
+
+    init = get("init")
+    if init not in INIT_METHODS:
+        raise ValueError(f"{prefix}.init must be one of {INIT_METHODS}, got {init!r}")
+    sh = get("sh_degree")
+    if not (_finite(sh) and float(sh).is_integer() and 0 <= sh <= 3):
+        raise ValueError(f"{prefix}.sh_degree must be in 0..3 (an integer), got {sh!r}")
+    num("sh_degree_interval", integer=True)
+    num("initial_active_sh_degree", 0, 3, integer=True, allow_none=True)
+    if init in ("point_cloud", "mesh", "ply"):
+        path = get("init_path")
+        if not path:
+            raise ValueError(f"{prefix}.init={init!r} needs {prefix}.init_path")
+        if not os.path.isfile(str(path)):
+            raise ValueError(f"{prefix}.init_path = {str(path)!r}: no such file")
+    if init == "shap_e":
+        prompt = get("shap_e_prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{prefix}.init='shap_e' needs {prefix}.shap_e_prompt (a non-empty text), got {prompt!r}")
+    num("num_points", 1, integer=True)
+    num("init_opacity", 0.0, 1.0, lo_open=True, hi_open=True)
+    num("init_radius", 0.0, lo_open=True)
+    num("init_scale", 0.0, lo_open=True, allow_none=True)
+    num("upsample_to", 0, integer=True)
+    num("upsample_jitter", 0.0)
+    num("upsample_color_jitter", 0.0)
+    num("init_rotation_deg_z")
+    num("init_scale_factor", 0.0, lo_open=True)
+    num("shap_e_guidance_scale", 0.0, lo_open=True)
+    num("shap_e_num_inference_steps", 1, integer=True)
+    num("shap_e_frame_size", 8, integer=True)
+    offset = get("init_offset")
+    if offset is None or len(offset) != 3 or not all(_finite(v) for v in offset):
+        raise ValueError(f"{prefix}.init_offset must be 3 finite numbers, got {offset!r}")
+    color = get("init_color")
+    if color is not None and (len(color) != 3 or not all(_finite(v) and 0.0 <= v <= 1.0 for v in color)):
+        raise ValueError(f"{prefix}.init_color must be 3 values in [0, 1] or null, got {color!r}")

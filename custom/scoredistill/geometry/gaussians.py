@@ -187,7 +187,7 @@ def params_to_ply_array(params: Dict[str, Tensor]) -> np.ndarray:
     n = means.shape[0]
     k = 1 + params["shN"].shape[1]
     degree = sh_degree_from_bases(k)
-    f_rest = params["shN"].detach().cpu().float().transpose(1, 2).reshape(n, -1)  # [N, 3*(K-1)]
+    f_rest = params["shN"].detach().cpu().float().transpose(1, 2).reshape(n, 3 * (k - 1))  # [N, 3*(K-1)]
     cols = [
         means,
         torch.zeros(n, 3),
@@ -205,14 +205,72 @@ def params_to_ply_array(params: Dict[str, Tensor]) -> np.ndarray:
     return arr
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _temp_prefix(path: str) -> str:
+    return f".tmp-{os.path.basename(path)}."
+
+
+def remove_stale_temp_files(path: str) -> list:
+    """Remove temporary files of :func:`write_ply_atomic` for ``path`` left by a killed writer.
+
+    A write killed by ``SIGKILL`` (or a power cut) cannot clean up after itself; its temporary file is
+    named ``.tmp-<name>.<pid>.<random>`` next to ``path``, so the next write of the same file removes every
+    such file whose process no longer exists.  Returns the removed paths.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = _temp_prefix(path)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_part = name[len(prefix):].split(".", 1)[0]
+        if not pid_part.isdigit() or _pid_alive(int(pid_part)):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except OSError:
+            pass
+    return removed
+
+
 def write_ply_atomic(path: str, write_fn) -> str:
-    """Write through ``write_fn(tmp_path)`` to a temporary file next to ``path``, then rename it."""
+    """Write through ``write_fn(tmp_path)`` to a temporary file next to ``path``, then rename it.
+
+    The temporary file is removed when ``write_fn`` fails (any exception, ``KeyboardInterrupt`` included);
+    temporaries left by writers that were killed outright are removed by the next write of ``path``
+    (:func:`remove_stale_temp_files`).  The final file gets the mode a plain ``open(path, "w")`` would
+    give (``0o666`` minus the umask), not ``mkstemp``'s ``0o600``.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ply", dir=folder)
+    remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -230,43 +288,107 @@ def save_gaussians_ply(path: str, params: Dict[str, Tensor]) -> str:
     return write_ply_atomic(path, lambda tmp: PlyData([element], text=False, byte_order="<").write(tmp))
 
 
-def load_gaussians_ply(path: str, sh_degree: Optional[int] = None) -> Dict[str, Tensor]:
+def _where(path: str, setting: Optional[str]) -> str:
+    return f"{setting} = {path!r}" if setting else repr(path)
+
+
+def _read_ply(path: str, setting: Optional[str] = None):
+    """``plyfile.PlyData.read`` with errors that name the file (and the setting it came from)."""
+    from plyfile import PlyData
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{_where(path, setting)}: no such file")
+    try:
+        return PlyData.read(path)
+    except Exception as e:  # plyfile raises PlyParseError, ValueError, struct/numpy errors on a bad file
+        raise ValueError(f"{_where(path, setting)}: cannot read the PLY (truncated or not a PLY?): {type(e).__name__}: {e}") from e
+
+
+def _check_finite(path: str, setting: Optional[str], named: Dict[str, Tensor]) -> None:
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in named.items() if v.numel() and not bool(torch.isfinite(v).all())}
+    if bad:
+        raise ValueError(
+            f"{_where(path, setting)}: the PLY holds non-finite (NaN/inf) values: "
+            + ", ".join(f"{n} in {k}" for k, n in bad.items())
+        )
+
+
+def ply_sh_degree(path: str, setting: Optional[str] = None) -> int:
+    """SH degree of a 3DGS PLY, from its header only (the ``f_rest_*`` property count)."""
+    names = []
+    try:
+        with open(path, "rb") as f:
+            for _ in range(10000):
+                line = f.readline()
+                if not line or line.strip() == b"end_header":
+                    break
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] == b"property":
+                    names.append(parts[-1].decode("ascii", "replace"))
+    except OSError as e:
+        raise ValueError(f"{_where(path, setting)}: cannot read the PLY header: {e}") from e
+    n_rest = len([p for p in names if p.startswith("f_rest_")])
+    if n_rest % 3:
+        raise ValueError(f"{_where(path, setting)}: {n_rest} f_rest_* properties is not a multiple of 3")
+    return sh_degree_from_bases(1 + n_rest // 3)
+
+
+def load_gaussians_ply(
+    path: str,
+    sh_degree: Optional[int] = None,
+    drop_sh_bands: bool = False,
+    setting: Optional[str] = None,
+    sh_setting: str = "sh_degree",
+) -> Dict[str, Tensor]:
     """Read a 3DGS PLY into raw parameters (float32, CPU).
 
     Args:
         path: PLY with the 3DGS vertex properties (extra properties are ignored).
-        sh_degree: SH degree of the returned ``shN``; ``None`` = the file's.  Missing bands are zero,
-            extra bands are dropped.
+        sh_degree: SH degree of the returned ``shN``; ``None`` = the file's.  Missing bands are zero.
+            A file with MORE bands than ``sh_degree`` is refused (the reference 3DGS loader asserts the
+            band count) unless ``drop_sh_bands`` is true, which drops the extra bands explicitly.
+        drop_sh_bands: accept a file of a higher SH degree and drop its extra bands.
+        setting: the config setting ``path`` came from (e.g. ``system.geometry.init_path``), for messages.
+        sh_setting: the config setting of ``sh_degree``, for messages.
 
     Raises:
-        ValueError: a required property is missing or the ``f_rest`` count is not ``3 * (K - 1)``.
+        ValueError (naming the file and ``setting``): unreadable/truncated PLY, a required property missing,
+            an ``f_rest`` count that is not ``3 * (K - 1)``, non-finite values, or more SH bands than
+            ``sh_degree`` without ``drop_sh_bands``.
     """
-    from plyfile import PlyData
-
-    vertex = PlyData.read(path)["vertex"]
+    ply = _read_ply(path, setting)
+    if "vertex" not in [e.name for e in ply.elements]:
+        raise ValueError(f"{_where(path, setting)}: not a 3D Gaussian PLY, no vertex element")
+    vertex = ply["vertex"]
     names = set(vertex.data.dtype.names)
     required = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
     missing = [p for p in required if p not in names]
     if missing:
-        raise ValueError(f"{path}: not a 3D Gaussian PLY, missing vertex properties {missing}")
+        raise ValueError(f"{_where(path, setting)}: not a 3D Gaussian PLY, missing vertex properties {missing}")
     n_rest = len([p for p in names if p.startswith("f_rest_")])
     if n_rest % 3:
-        raise ValueError(f"{path}: {n_rest} f_rest_* properties is not a multiple of 3")
+        raise ValueError(f"{_where(path, setting)}: {n_rest} f_rest_* properties is not a multiple of 3")
     file_degree = sh_degree_from_bases(1 + n_rest // 3)
+    degree = file_degree if sh_degree is None else int(sh_degree)
+    k = num_sh_bases(degree)
+    if file_degree > degree and not drop_sh_bands:
+        raise ValueError(
+            f"{_where(path, setting)}: the PLY has SH degree {file_degree} ({3 * (num_sh_bases(file_degree) - 1)} f_rest "
+            f"values per Gaussian) but {sh_setting} is {degree}; set {sh_setting}: {file_degree} to keep its "
+            f"view-dependent colour (or drop_sh_bands: true to drop the bands above degree {degree})"
+        )
 
     def col(*props):
         return torch.from_numpy(np.stack([np.asarray(vertex[p], dtype=np.float32) for p in props], axis=1))
 
     n = len(vertex.data)
     f_rest = col(*[f"f_rest_{i}" for i in range(n_rest)]) if n_rest else torch.zeros(n, 0)
-    shN = f_rest.reshape(n, 3, -1).transpose(1, 2).contiguous()  # [N, K-1, 3]
-    degree = file_degree if sh_degree is None else sh_degree
-    k = num_sh_bases(degree)
+    shN = f_rest.reshape(n, 3, n_rest // 3).transpose(1, 2).contiguous()  # [N, K-1, 3]
     if shN.shape[1] >= k - 1:
         shN = shN[:, : k - 1].contiguous()
     else:
         shN = torch.cat([shN, torch.zeros(n, k - 1 - shN.shape[1], 3)], dim=1)
-    return {
+    out = {
         "means": col("x", "y", "z"),
         "scales": col("scale_0", "scale_1", "scale_2"),
         "quats": col("rot_0", "rot_1", "rot_2", "rot_3"),
@@ -274,6 +396,11 @@ def load_gaussians_ply(path: str, sh_degree: Optional[int] = None) -> Dict[str, 
         "sh0": col("f_dc_0", "f_dc_1", "f_dc_2")[:, None, :].contiguous(),
         "shN": shN,
     }
+    _check_finite(path, setting, {
+        "x/y/z": out["means"], "scale_*": out["scales"], "rot_*": out["quats"], "opacity": out["opacities"],
+        "f_dc_*": out["sh0"], "f_rest_*": out["shN"],
+    })
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,24 +414,25 @@ def _as_unit_colors(c: np.ndarray) -> np.ndarray:
     return c.astype(np.float32)
 
 
-def load_point_cloud(path: str) -> Tuple[Tensor, Optional[Tensor]]:
+def load_point_cloud(path: str, setting: Optional[str] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Points ``[N, 3]`` and colours ``[N, 3]`` in [0, 1] (or ``None``) from a PLY point cloud.
 
     Colours are read from ``red/green/blue`` (uchar -> /255, float as is).  A PLY in the 3DGS layout
     gives the colours of its DC coefficients.
 
     Raises:
-        ValueError: no ``vertex`` element with ``x, y, z``.
+        ValueError (naming the file and ``setting``): unreadable PLY, no ``vertex`` element with
+            ``x, y, z``, no points, or non-finite values.
     """
-    from plyfile import PlyData
-
-    ply = PlyData.read(path)
+    ply = _read_ply(path, setting)
     if "vertex" not in [e.name for e in ply.elements]:
-        raise ValueError(f"{path}: PLY has no vertex element")
+        raise ValueError(f"{_where(path, setting)}: PLY has no vertex element")
     v = ply["vertex"]
     names = v.data.dtype.names
     if not all(p in names for p in ("x", "y", "z")):
-        raise ValueError(f"{path}: PLY vertices have no x, y, z")
+        raise ValueError(f"{_where(path, setting)}: PLY vertices have no x, y, z")
+    if len(v.data) == 0:
+        raise ValueError(f"{_where(path, setting)}: the point cloud has no points")
     pts = torch.from_numpy(np.stack([np.asarray(v[p], dtype=np.float32) for p in "xyz"], 1))
     colors = None
     if all(p in names for p in ("red", "green", "blue")):
@@ -312,6 +440,7 @@ def load_point_cloud(path: str) -> Tuple[Tensor, Optional[Tensor]]:
     elif all(p in names for p in ("f_dc_0", "f_dc_1", "f_dc_2")):
         dc = torch.from_numpy(np.stack([np.asarray(v[f"f_dc_{i}"], dtype=np.float32) for i in range(3)], 1))
         colors = sh0_to_rgb(dc).clamp(0, 1)
+    _check_finite(path, setting, {"x/y/z": pts, **({"colours": colors} if colors is not None else {})})
     return pts, colors
 
 

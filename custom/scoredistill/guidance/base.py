@@ -341,6 +341,26 @@ class ScoreDistillationGuidance(BaseObject):
         return torch.cat([cond, uncond]), None
 
     # ------------------------------------------------------------------ the guidance
+    def __init_subclass__(cls, **kwargs):
+        """Each guidance's ``validate_config`` raises with the full setting name (``system.guidance.guidance_scale``).
+
+        The (own or inherited) ``validate_config`` of every subclass is wrapped once with
+        :func:`scoredistill.validation.run_qualified`, which rewrites the first bare field name of the message.
+        """
+        super().__init_subclass__(**kwargs)
+        fn = getattr(cls, "validate_config")
+        if getattr(fn, "_scoredistill_qualified", False) and "validate_config" not in cls.__dict__:
+            return  # inherited an already wrapped one
+
+        def validate_config(self, _fn=fn):
+            from ..validation import run_qualified
+
+            run_qualified(lambda: _fn(self), "system.guidance", type(self).Config)
+
+        validate_config.__doc__ = fn.__doc__
+        validate_config._scoredistill_qualified = True
+        cls.validate_config = validate_config
+
     def compute_grad(self, latents, prompt_utils, elevation, azimuth, camera_distances, **kwargs) -> Dict[str, Any]:
         """Subclass hook: return ``{"grad": (same shape as latents), ...}``; other entries are returned as logs
         (scalars or tensors; entries named ``loss_*`` are extra losses weighted by ``lambda_*`` in the system)."""

@@ -8,6 +8,7 @@ batch, recomputed from the cameras if absent): ``comp_rgb = comp_rgb_fg + (1 - o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,27 @@ from threestudio.models.renderers.base import Rasterizer
 from scoredistill._registry import register
 from scoredistill.renderer.gsplat_cameras import camera_ray_directions, threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import RASTERIZE_MODES, rasterize
+
+
+def check_rasterizer_config(c, prefix: str = "system.renderer") -> None:
+    """Validate a ``gsplat-rasterizer`` config (every number finite); raises ``ValueError`` naming the setting."""
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if c.backend not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"{prefix}.backend must be 'auto', 'cuda' or 'cpu', got {c.backend!r}")
+    if c.rasterize_mode not in RASTERIZE_MODES:
+        raise ValueError(f"{prefix}.rasterize_mode must be one of {RASTERIZE_MODES}, got {c.rasterize_mode!r}")
+    if not (finite(c.near_plane) and finite(c.far_plane) and 0 < c.near_plane < c.far_plane):
+        raise ValueError(
+            f"{prefix} needs finite 0 < {prefix}.near_plane < {prefix}.far_plane, got {c.near_plane}, {c.far_plane}"
+        )
+    if not (finite(c.eps2d) and c.eps2d >= 0):
+        raise ValueError(f"{prefix}.eps2d must be a finite number >= 0, got {c.eps2d!r}")
+    if not (finite(c.radius_clip) and c.radius_clip >= 0):
+        raise ValueError(f"{prefix}.radius_clip must be a finite number >= 0, got {c.radius_clip!r}")
+    if not (isinstance(c.tile_size, int) and c.tile_size >= 1):
+        raise ValueError(f"{prefix}.tile_size must be an integer >= 1, got {c.tile_size!r}")
 
 
 @register("gsplat-rasterizer")
@@ -39,15 +61,7 @@ class GsplatRasterizer(Rasterizer):
     cfg: Config
 
     def configure(self, geometry, material, background) -> None:
-        c = self.cfg
-        if c.backend not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"renderer.backend must be 'auto', 'cuda' or 'cpu', got {c.backend!r}")
-        if c.rasterize_mode not in RASTERIZE_MODES:
-            raise ValueError(f"renderer.rasterize_mode must be one of {RASTERIZE_MODES}, got {c.rasterize_mode!r}")
-        if not 0 < c.near_plane < c.far_plane:
-            raise ValueError(f"renderer needs 0 < near_plane < far_plane, got {c.near_plane}, {c.far_plane}")
-        if c.eps2d < 0 or c.tile_size < 1:
-            raise ValueError("renderer.eps2d must be >= 0 and renderer.tile_size >= 1")
+        check_rasterizer_config(self.cfg)
         super().configure(geometry, material, background)
 
     def forward(self, c2w, fovy, height: int, width: int, rays_d=None, **kwargs):

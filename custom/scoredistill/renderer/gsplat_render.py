@@ -166,7 +166,14 @@ def composite_cpu(
                 t_incl = torch.cumprod(one_minus, dim=1)
                 t_excl = torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], dim=1)
                 w = alpha * t_excl  # [P, G]
-                tiles_rgb.append(w @ colc[g])
+                cg_col = colc[g]
+                if bool(torch.isfinite(cg_col).all()):
+                    tiles_rgb.append(w @ cg_col)
+                else:
+                    # gsplat's kernel reads a colour only where its Gaussian contributes (alpha >= 1/255): a
+                    # non-finite colour must not reach the tile's other pixels through 0 * NaN in the matmul
+                    contrib = (w != 0)[:, :, None]
+                    tiles_rgb.append(torch.where(contrib, w[:, :, None] * cg_col[None], torch.zeros((), dtype=dt, device=dev)).sum(1))
                 tiles_t.append(t_incl[:, -1])
         rgb = torch.stack(tiles_rgb).reshape(th, tw, tile_size, tile_size, d)
         rgb = rgb.permute(0, 2, 1, 3, 4).reshape(th * tile_size, tw * tile_size, d)[:height, :width]

@@ -38,6 +38,7 @@ from scoredistill import distributed
 from scoredistill._registry import register
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
+from scoredistill.validation import defer_config_snapshot, validate_system_settings
 
 #: learning rates of the reference 3DGS implementation (position lr before scene-extent scaling)
 DEFAULT_LRS = {
@@ -67,19 +68,44 @@ class GsplatSystem(BaseLift3DSystem):
 
     # ------------------------------------------------------------------------------------------
     def configure(self) -> None:
+        if (self.resumed or self.cfg.weights) and self.cfg.geometry.get("init", "sphere") != "empty":
+            # the checkpoint brings the Gaussians: skip (possibly expensive) initialisation; an imported PLY's
+            # SH degree stays the floor of the active degree (it is read from the PLY header only)
+            if (
+                self.cfg.geometry.get("init") == "ply"
+                and self.cfg.geometry.get("initial_active_sh_degree") is None
+                and self.cfg.geometry.get("init_path")
+                and os.path.isfile(str(self.cfg.geometry.get("init_path")))
+            ):
+                from scoredistill.geometry.gaussians import ply_sh_degree
+
+                file_degree = ply_sh_degree(str(self.cfg.geometry["init_path"]), "system.geometry.init_path")
+                self.cfg.geometry["initial_active_sh_degree"] = min(file_degree, int(self.cfg.geometry.get("sh_degree", 0)))
+            self.cfg.geometry["init"] = "empty"
+        # every setting (prompt, guidance, geometry, renderer, strategy, exporter) before Shap-E / models load
+        validate_system_settings(self)
+        if not isinstance(self.cfg.ply_name, str) or not self.cfg.ply_name.endswith(".ply"):
+            raise ValueError(f"system.ply_name must be a file name ending with .ply, got {self.cfg.ply_name!r}")
         self.densifier = GaussianDensifier(dict(self.cfg.strategy))  # validates before models load
         if self.cfg.position_lr is not None:
             self._position_lr(0)  # validate
-        if (self.resumed or self.cfg.weights) and self.cfg.geometry.get("init", "sphere") != "empty":
-            # the checkpoint brings the Gaussians: skip (possibly expensive) initialisation
-            self.cfg.geometry["init"] = "empty"
         super().configure()
         self._step_info: Optional[Dict[str, Any]] = None
         self._step_index: int = 0
         self._pending_strategy_state = None
 
+    def setup(self, stage: Optional[str] = None) -> None:
+        # threestudio's config snapshot is written after the guidance loaded (a failed start keeps the trial's files)
+        defer_config_snapshot(getattr(self, "_trainer", None))
+
     def _position_lr(self, step: int) -> float:
+        import math
+
         p = dict(self.cfg.position_lr)
+        for key in ("lr_init", "lr_final", "max_steps", "delay_steps", "delay_mult"):
+            v = p.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"system.position_lr.{key} must be a finite number, got {v!r}")
         return scheduled_lr(
             step,
             float(p.get("lr_init", DEFAULT_LRS["means"])),
@@ -170,6 +196,11 @@ class GsplatSystem(BaseLift3DSystem):
 
     def training_step(self, batch, batch_idx):
         step = self.true_global_step
+        if self.geometry.num_gaussians == 0:  # otherwise an unrelated autograd error ("does not require grad")
+            raise RuntimeError(
+                f"gsplat-system: no Gaussians left to optimise at step {step} (all pruned: check "
+                f"system.strategy.prune_opa / prune_scale3d / prune_scale2d, or the init)"
+            )
         out = self(batch)
         info = out.get("gsplat_info") or {}
         if self.densifier.type != "none":

@@ -47,6 +47,7 @@ from threestudio.utils.misc import config_to_primitive
 from threestudio.utils.ops import binary_cross_entropy, dot
 
 from .._registry import register
+from ..validation import defer_config_snapshot, validate_system_settings
 from ..core.hifa import (
     ANNEALING_SCHEDULES,
     DISPARITY_LOSSES,
@@ -151,8 +152,15 @@ class HiFASystem(DreamFusion):
 
     def configure(self) -> None:
         self.validate_hifa_config()
+        # prompt, guidance (as this system will build it), geometry, renderer settings before anything loads
+        validate_system_settings(
+            self, guidance_cfg=self.guidance_config(self.cfg.guidance_type, self.cfg.guidance, self.cfg.sds_plus_image_term)
+        )
         super().configure()
         self._warned_no_img = False
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        defer_config_snapshot(getattr(self, "_trainer", None))  # a failed start keeps an existing trial's configs
 
     def on_fit_start(self) -> None:
         BaseLift3DSystem.on_fit_start(self)

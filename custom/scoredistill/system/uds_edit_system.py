@@ -41,6 +41,7 @@ from threestudio.utils.base import Updateable
 
 from scoredistill._registry import register
 from scoredistill.system.gsplat_system import GsplatSystem
+from scoredistill.validation import defer_config_snapshot, validate_system_settings
 
 
 class _SourceMixin:
@@ -193,6 +194,7 @@ class NerfEditSystem(_SourceMixin, DreamFusion):
         from threestudio.utils.config import load_config, parse_structured
         from threestudio.utils.misc import load_module_weights
 
+        validate_system_settings(self)  # before the source checkpoint and any model load
         ckpt = self.cfg.source_checkpoint
         if not ckpt:
             raise ValueError("nerf-edit-system: system.source_checkpoint must be a threestudio checkpoint to edit")
@@ -235,6 +237,9 @@ class NerfEditSystem(_SourceMixin, DreamFusion):
         out = super().forward(batch)
         self._last_out = out
         return out
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        defer_config_snapshot(getattr(self, "_trainer", None))  # a failed start keeps an existing trial's configs
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # creates prompt_processor and guidance
