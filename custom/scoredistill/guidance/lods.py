@@ -330,6 +330,9 @@ class LODSLearner:
         self.unet_calls = 0
         self.unet_samples = 0
         self.unet_backward_samples = 0
+        #: Eq. 8/10 updates skipped for a non-finite loss / gradient, and whether the last one was
+        self.nonfinite_skips = 0
+        self.last_update_skipped = False
         self.aux_steps = 0
         if variant == "lora":
             self.lora_params = add_lora_adapter(
@@ -388,14 +391,22 @@ class LODSLearner:
             return e_c, e_u
 
     # ------------------------------------------------------------------ step (b)
-    def _apply_aux_loss(self, loss: torch.Tensor) -> None:
+    def _apply_aux_loss(self, loss: torch.Tensor) -> bool:
+        """Optimizer step of α / ψ on ``loss``, only if the loss and every gradient are finite (else skipped:
+        α / ψ and the optimizer moments untouched, ``nonfinite_skips`` counted).  Returns whether it was applied."""
         params = self.parameters()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        checks = [torch.isfinite(loss.detach()).all()] + [torch.isfinite(g).all() for g in grads if g is not None]
+        self.last_update_skipped = not bool(torch.stack(checks).all())
+        if self.last_update_skipped:
+            self.nonfinite_skips += 1
+            return False
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.to(p.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_steps += 1
+        return True
 
     def aux_loss(
         self,
@@ -448,6 +459,7 @@ class LODSLearner:
             ``unet_backward_samples``.
         """
         c0, s0, b0 = self.unet_calls, self.unet_samples, self.unet_backward_samples
+        self.last_update_skipped = False
         z = latents.detach()
         if self.variant == "embedding" and self.alpha is None:
             self.initialise_alpha(uncond)

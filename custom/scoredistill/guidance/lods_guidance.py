@@ -12,6 +12,9 @@ Thin adapter over :class:`scoredistill.guidance.lods.LODSLearner` (the maths: Eq
     gradient from the system's loss and are not in the system's optimizer, so the guidance works unchanged
     in ``dreamfusion-system``, the pack's ``gsplat-system`` or any other system.
 
+An Eq. 8/10 update with a non-finite loss or gradient is skipped (α / ψ and moments untouched; logged as
+``lods_aux_nonfinite_skips``) and makes the system's step skipped too (:mod:`scoredistill.guidance.finite`).
+
 Logged (not losses): ``lods_aux_loss`` (Eq. 8/10 value), ``lods_aux_steps``, and this call's UNet cost
 ``lods_unet_calls`` / ``lods_unet_samples`` / ``lods_unet_backward_samples``.
 
@@ -148,6 +151,10 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
         }
         if out["aux_loss"] is not None:
             logs["lods_aux_loss"] = out["aux_loss"]
+        logs["lods_aux_nonfinite_skips"] = self.learner.nonfinite_skips
+        guard = self.finite_guard
+        if guard is not None and self.learner.last_update_skipped:
+            guard.flag("LODS α/ψ update (Eq. 8/10)", True)  # the whole step is skipped and α / ψ rolled back
         return logs
 
     # ------------------------------------------------------------------ state

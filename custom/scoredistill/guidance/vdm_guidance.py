@@ -13,6 +13,10 @@ shared :class:`scoredistill.guidance.base.ScoreDistillationGuidance` (SD loading
 4. ``grad = ω(t)(ε̃ − λ_t M_ψ(ε_in))`` (Eq. 19 with DCA Eq. 18), returned as ``loss_sds``
    (``d loss_sds / d latents = grad / B``), so ``lambda_sds`` of any threestudio system applies.
 
+An Eq. 17 update with a non-finite input, loss or gradient is skipped (ψ, moments and BatchNorm statistics
+untouched; logged as ``vdm_operator_nonfinite_skips``) and makes the system's step skipped too
+(:mod:`scoredistill.guidance.finite`).
+
 Logged (not losses): ``vdm_operator_loss`` (Eq. 17 before the update), ``vdm_operator_updates``,
 ``vdm_lambda`` (mean λ_t), ``vdm_timestep`` (mean t), ``vdm_unet_calls`` / ``vdm_unet_samples`` (this call).
 
@@ -163,8 +167,12 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             train_operator=True,
             refresh_after_update=c.refresh_operator_after_update,
         )
+        guard = self.finite_guard
+        if guard is not None and self.mapping.last_update_skipped:
+            guard.flag("VDM operator update (Eq. 17)", True)  # the whole step is skipped and M_ψ rolled back
         return {
             "grad": out["grad"],
+            "vdm_operator_nonfinite_skips": self.mapping.nonfinite_skips,
             "vdm_operator_loss": out["loss_op"],
             "vdm_operator_updates": self.mapping.num_updates,
             "vdm_lambda": out["lambda_t"].mean(),

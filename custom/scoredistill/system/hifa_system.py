@@ -43,6 +43,8 @@ from threestudio.utils.misc import config_to_primitive
 from threestudio.utils.ops import binary_cross_entropy, dot
 
 from .._registry import register
+from ..guidance.checkpointing import attach_resume_check
+from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
 from ..core.hifa import (
     ANNEALING_SCHEDULES,
     DISPARITY_LOSSES,
@@ -101,6 +103,8 @@ class HiFASystem(DreamFusion):
         disparity_opacity_threshold: float = 0.5
         #: DPT input size; None = from the checkpoint's preprocessor_config.json / config.image_size
         disparity_image_size: Optional[int] = None
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
 
@@ -137,6 +141,8 @@ class HiFASystem(DreamFusion):
 
     def configure(self) -> None:
         self.validate_hifa_config()
+        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
+        attach_resume_check(self)
         super().configure()
         self._warned_no_img = False
 
