@@ -163,19 +163,27 @@ def test_vdm_operator_update_with_a_nonfinite_input_keeps_weights_moments_and_ba
 
 
 # ------------------------------------------------------------------------------------------ in a Lightning system
+CASES = {
+    # CFG 1e30: loss_sds = inf (on main: trained on, exit 0, inf Adam second moments = a frozen image)
+    "vdm-cfg-1e30": ("vdm-guidance", dict(guidance_scale=1e30, operator_widths=[8, 16, 32]), False, ("loss",)),
+    # a NaN pixel in every render (on main: α NaN for good, every later gradient silently 0)
+    "lods-nan-render": ("lods-guidance", dict(guidance_scale=100.0), True, ("LODS α/ψ update (Eq. 8/10)", "latent gradient (lods-guidance)")),
+}
+
+
 @pytest.mark.threestudio
-@pytest.mark.parametrize("guidance_scale", [1e30])
-def test_huge_guidance_scale_stops_instead_of_freezing_through_inf_adam_moments(threestudio_module, tiny_sd, tmp_path, guidance_scale, caplog):
-    """A dreamfusion-style system (guidance built in on_fit_start, threestudio-free training step): CFG 1e30
-    gives loss_sds = inf; every step is skipped and the 3rd stops the run; the image and its Adam state were
-    never touched.  On main it trained on (exit 0) with inf second moments: a frozen image."""
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pack_guidance_in_a_lightning_system_never_applies_a_nonfinite_step(threestudio_module, tiny_sd, tmp_path, case, caplog):
+    """A dreamfusion-style system (guidance built in on_fit_start): every step is non-finite, each is skipped
+    and the 3rd stops the run; the image, its Adam state and the guidance's own state were never touched."""
+    guidance_type, extra, nan_render, reasons = CASES[case]
     import pytorch_lightning as pl
 
     from harness import make_prompt_utils, tiny_guidance_config
 
     threestudio = threestudio_module
     prompt_utils = make_prompt_utils(threestudio, tiny_sd, str(tmp_path))
-    cfg = tiny_guidance_config(tiny_sd, 32, guidance_scale=guidance_scale, operator_widths=[8, 16, 32], max_nonfinite_skips=3)
+    cfg = tiny_guidance_config(tiny_sd, 32, max_nonfinite_skips=3, **extra)
 
     class System(pl.LightningModule):
         def __init__(self):
@@ -183,11 +191,15 @@ def test_huge_guidance_scale_stops_instead_of_freezing_through_inf_adam_moments(
             self.image = torch.nn.Parameter(torch.zeros(1, 32, 32, 3))
 
         def on_fit_start(self):
-            self.guidance = threestudio.find("vdm-guidance")(cfg)
+            self.guidance = threestudio.find(guidance_type)(cfg)
 
         def training_step(self, batch, idx):
             z = torch.zeros(1)
-            out = self.guidance(torch.sigmoid(self.image), prompt_utils, z, z, z + 2.0)
+            rgb = torch.sigmoid(self.image)
+            if nan_render:
+                rgb = torch.cat([rgb[:, :1, :1] * float("nan"), rgb[:, :1, 1:]], 2)
+                rgb = torch.cat([rgb, torch.sigmoid(self.image)[:, 1:]], 1)
+            out = self.guidance(rgb, prompt_utils, z, z, z + 2.0)
             return {"loss": out["loss_sds"]}
 
         def configure_optimizers(self):
@@ -202,12 +214,16 @@ def test_huge_guidance_scale_stops_instead_of_freezing_through_inf_adam_moments(
     with caplog.at_level(logging.WARNING, logger="pytorch_lightning"):
         with pytest.raises(NonFiniteStepError) as err:
             trainer.fit(system)
-    print(err.value)
-    assert "3 consecutive optimizer steps had non-finite values" in str(err.value)
-    assert "loss" in str(err.value) and "raise system.guidance.max_nonfinite_skips (now 3)" in str(err.value)
+    msg = str(err.value)
+    assert "3 consecutive optimizer steps had non-finite values" in msg
+    assert all(r in msg for r in reasons) and "raise system.guidance.max_nonfinite_skips (now 3)" in msg
     assert torch.equal(system.image.detach(), torch.zeros(1, 32, 32, 3))
     assert len(trainer.optimizers[0].state) == 0  # no moment ever written
-    assert system.guidance.mapping.num_updates == 0  # M_ψ rolled back every time
+    if guidance_type == "vdm-guidance":
+        assert system.guidance.mapping.num_updates == 0  # M_ψ rolled back every time
+    else:
+        assert system.guidance.learner.aux_steps == 0 and system.guidance.learner.alpha is None  # α never applied
+        assert system.guidance.learner.nonfinite_skips == 3
     assert caplog.text.count("skipped: non-finite") == 3
 
 

@@ -103,3 +103,26 @@ def test_dreamfusion_system_with_a_pack_guidance_skips_a_nan_parameter_gradient(
     with pytest.raises(RuntimeError, match=r"raise system\.guidance\.max_nonfinite_skips \(now 1\)"):
         run_launch(os.path.join(CONFIGS, "vdm-nerf.yaml"), common + ["system.guidance.max_nonfinite_skips=1"],
                    exp_root=str(tmp_path / "b"), env=_faults(param_grad={"steps": [0], "value": "nan"}))
+
+
+@pytest.mark.slow
+def test_hifa_system_skips_a_minus_inf_latent_gradient(tiny_sd, tmp_path):
+    """hifa-system (configs/hifa-cpu-smoke.yaml, hifa-guidance, DPT disparity term): -inf in the latent
+    gradient at step 1 of 2 is skipped and last.ckpt stays finite."""
+    from harness import tiny_dpt_path
+
+    overrides = [
+        "system.prompt_processor.prompt=a hamburger",
+        f"system.prompt_processor.pretrained_model_name_or_path={tiny_sd}",
+        f"system.guidance.pretrained_model_name_or_path={tiny_sd}",
+        f"system.disparity_model_name_or_path={tiny_dpt_path()}",
+        "system.prompt_processor.spawn=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    ]
+    trial = run_launch(os.path.join(CONFIGS, "hifa-cpu-smoke.yaml"), overrides, exp_root=str(tmp_path),
+                       env=_faults(latent_grad={"steps": [1], "value": "-inf"}))
+    out = run_launch.last_output
+    assert "optimizer step 1 skipped: non-finite parameter gradient, latent gradient (hifa-guidance)" in out
+    assert out.count("skipped: non-finite") == 1
+    ckpt = torch.load(os.path.join(trial, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)
+    assert _assert_all_finite(ckpt) > 100
+    assert {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {1.0}

@@ -195,7 +195,14 @@ class ScoreDistillationGuidance(BaseObject):
 
     @property
     def guard_name(self) -> str:
-        return getattr(self, "checkpoint_state_key", None) or type(self).__name__
+        """The registered name (e.g. ``hifa-guidance``) used in finite-step messages; else the class name."""
+        key = getattr(self, "checkpoint_state_key", None)
+        if key:
+            return key
+        from .._registry import REGISTERED_NAMES, _identity
+
+        ident = _identity(type(self))
+        return next((n for n, i in REGISTERED_NAMES.items() if i == ident), type(self).__name__)
 
     def rollback_state(self) -> Optional[Any]:
         """A copy of the guidance's own trainable state for the finite-step rollback (``None``: it has none)."""
