@@ -126,3 +126,31 @@ def test_hifa_system_skips_a_minus_inf_latent_gradient(tiny_sd, tmp_path):
     ckpt = torch.load(os.path.join(trial, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)
     assert _assert_all_finite(ckpt) > 100
     assert {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {1.0}
+
+
+@pytest.mark.slow
+def test_gsplat_system_with_threestudio_sd_guidance_skips_and_does_not_densify_the_skipped_step(tmp_path):
+    """configs/gs-sds.yaml (threestudio's own stable-diffusion-guidance: the guard comes from gsplat-system),
+    densifying after every step: a NaN parameter gradient at step 0 skips the step and its densification
+    (the strategy's gradient statistics would be NaN); step 1 trains and densifies."""
+    from harness import tiny_sd_f8_path
+
+    sd = tiny_sd_f8_path()
+    overrides = [
+        f"system.guidance.pretrained_model_name_or_path={sd}", f"system.prompt_processor.pretrained_model_name_or_path={sd}",
+        "system.prompt_processor.spawn=false", "system.guidance.half_precision_weights=false",
+        "system.prompt_processor.prompt=a red ball", "trainer.precision=32",
+        "data.width=32", "data.height=32", "data.eval_width=32", "data.eval_height=32",
+        "data.batch_size=1", "data.n_val_views=1", "data.n_test_views=2",
+        "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "system.geometry.init=sphere", "system.geometry.num_points=200", "system.geometry.upsample_to=0",
+        "system.strategy.refine_start_iter=0", "system.strategy.refine_every=1", "system.strategy.grow_grad2d=0.0",
+        "system.position_lr.max_steps=2",
+    ]
+    trial = run_launch(os.path.join(CONFIGS, "gs-sds.yaml"), overrides, exp_root=str(tmp_path),
+                       env=_faults(param_grad={"steps": [0], "value": "nan"}))
+    out = run_launch.last_output
+    assert "optimizer step 0 skipped: non-finite parameter gradient" in out
+    assert "step 0: densification" not in out and "step 1: densification 200 ->" in out
+    ckpt = torch.load(os.path.join(trial, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)
+    _assert_all_finite(ckpt)
