@@ -243,3 +243,14 @@ def test_install_is_idempotent_and_validates_the_setting():
     for bad in (0, -1, 1.5, True, "3"):
         with pytest.raises(ValueError, match=r"system\.max_nonfinite_skips must be an integer >= 1"):
             FiniteStepGuard(bad)
+
+
+def test_the_internal_optimizers_rule_is_the_guards():
+    from scoredistill.guidance.finite import step_is_finite
+
+    one = torch.tensor(1.0)
+    assert step_is_finite(one, [torch.ones(3), None])
+    assert not step_is_finite(torch.tensor(float("inf")), [torch.ones(3)])
+    assert not step_is_finite(one, [torch.tensor([float("nan")])])
+    assert not step_is_finite(one, [torch.tensor([2e19])])  # Adam's g² would overflow float32
+    assert step_is_finite(one, [torch.tensor([1e19])])

@@ -47,6 +47,7 @@ __all__ = [
     "clone_state",
     "get_finite_guard",
     "install_finite_guard",
+    "step_is_finite",
     "validate_max_nonfinite_skips",
 ]
 
@@ -82,6 +83,20 @@ def clone_state(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(clone_state(v) for v in obj)
     return obj
+
+
+def step_is_finite(loss: Optional[torch.Tensor], grads) -> bool:
+    """The finite-step rule for one optimizer step, as one host sync: ``loss`` finite and
+    ``sqrt(Σ_g ‖g‖²)`` finite in float32 (so no gradient is non-finite and no Adam ``g²`` overflows).
+    Used by the guidances' own optimizers (LODS α / ψ, VDM ``M_ψ``)."""
+    grads = [g for g in grads if g is not None]
+    checks = []
+    if grads:
+        norms = torch._foreach_norm(grads)
+        checks.append(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()))
+    if loss is not None:
+        checks.append(torch.isfinite(loss.detach()).all().to(checks[0].device if checks else loss.device))
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 class FiniteStepGuard:

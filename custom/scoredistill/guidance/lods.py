@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .finite import step_is_finite
 from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
 
 VARIANTS = ("embedding", "lora")
@@ -396,8 +397,7 @@ class LODSLearner:
         α / ψ and the optimizer moments untouched, ``nonfinite_skips`` counted).  Returns whether it was applied."""
         params = self.parameters()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        checks = [torch.isfinite(loss.detach()).all()] + [torch.isfinite(g).all() for g in grads if g is not None]
-        self.last_update_skipped = not bool(torch.stack(checks).all())
+        self.last_update_skipped = not step_is_finite(loss, grads)
         if self.last_update_skipped:
             self.nonfinite_skips += 1
             return False

@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scoredistill.guidance.finite import step_is_finite
 from scoredistill.core.diffusion import (
     WEIGHTING_STRATEGIES,
     EpsFn,
@@ -504,9 +505,7 @@ class VariationalDistributionMapping(nn.Module):
                 loss.backward()
                 if first_out is None:
                     first_out, first_loss = out.detach(), loss.detach()
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                checks = [torch.isfinite(loss.detach())] + [torch.isfinite(g).all() for g in grads]
-                if not bool(torch.stack(checks).all()):  # skip: ψ, moments and BN statistics untouched
+                if not step_is_finite(loss, [p.grad for p in self.model.parameters()]):  # skip: ψ, moments, BN stats untouched
                     self.optimizer.zero_grad(set_to_none=True)
                     with torch.no_grad():
                         for b, saved in zip(self.model.buffers(), buffers):
