@@ -499,13 +499,14 @@ class LODSLearner:
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
-        """α / LoRA tensors (CPU copies), optimizer state and counters -- no frozen UNet weights.
-        Loadable with ``torch.load(..., weights_only=True)``."""
+    def state_dict(self, to_cpu: bool = True) -> Dict[str, Any]:
+        """α / LoRA tensors (CPU copies; ``to_cpu=False``: copies on their device), optimizer state and counters
+        -- no frozen UNet weights.  Loadable with ``torch.load(..., weights_only=True)``."""
+        copy = (lambda t: t.detach().cpu().clone()) if to_cpu else (lambda t: t.detach().clone())
         return {
             "variant": self.variant,
-            "alpha": None if self.alpha is None else self.alpha.detach().cpu().clone(),
-            "lora": [p.detach().cpu().clone() for p in self.lora_params],
+            "alpha": None if self.alpha is None else copy(self.alpha),
+            "lora": [copy(p) for p in self.lora_params],
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "aux_steps": self.aux_steps,
             "unet_calls": self.unet_calls,

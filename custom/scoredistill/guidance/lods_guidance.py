@@ -40,6 +40,7 @@ from threestudio.utils.misc import config_to_primitive
 from .._registry import register
 from .base import CheckpointedScoreDistillationGuidance
 from .checkpointing import CHECKPOINT_KEY
+from .finite import clone_state
 from .lods import (
     DEFAULT_AUX_STEP_PERCENT,
     DEFAULT_GUIDANCE_SCALE,
@@ -165,6 +166,13 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
     def guidance_state_dict(self) -> Dict[str, Any]:
         """α / LoRA tensors, their optimizer state and counters (no frozen SD weights)."""
         return self.learner.state_dict()
+
+    def rollback_state(self) -> Dict[str, Any]:
+        """Copy of α / ψ, moments and counters on their device (no host copy per step) for the finite-step rollback."""
+        return clone_state(self.learner.state_dict(to_cpu=False))
+
+    def restore_rollback_state(self, state: Dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
 
     def load_guidance_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`guidance_state_dict` output. Raises ``ValueError`` on a variant / LoRA-shape mismatch."""

@@ -195,6 +195,10 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             "mapping": self.mapping.full_state_dict(),
         }
 
+    def restore_rollback_state(self, state: Dict[str, Any]) -> None:
+        """Finite-step rollback (the copy of :meth:`guidance_state_dict` taken at this step's first call)."""
+        self.mapping.load_full_state_dict(state["mapping"])
+
     def load_guidance_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`guidance_state_dict` output exactly.
 
