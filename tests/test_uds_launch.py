@@ -72,7 +72,7 @@ def test_generate_export_then_edit_the_exported_ply(tiny_sd, tmp_path):
     assert "gsplat-edit-system" in open(os.path.join(edit, "configs", "parsed.yaml")).read()
     assert len([r for r in _rows(edit) if r.get("train/loss_sds")]) == 2
     # the edited target started from the exported asset: same Gaussians, moved by at most 2 small Adam steps
-    sd = torch.load(os.path.join(edit, "ckpts", "last.ckpt"), map_location="cpu", weights_only=False)["state_dict"]
+    sd = torch.load(os.path.join(edit, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)["state_dict"]
     means = sd["geometry.params.means"]
     assert means.shape == asset["means"].shape
     assert (means - asset["means"]).abs().max().item() < 0.01
@@ -97,7 +97,7 @@ def test_nerf_generate_then_edit_the_checkpoint(tiny_sd, tmp_path):
     )
     ckpt = os.path.join(trial, "ckpts", "last.ckpt")
     assert os.path.isfile(ckpt), run_launch.last_output[-3000:]
-    src_sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    src_sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     edit = run_launch(
         os.path.join(REPO, "configs", "uds-edit-nerf.yaml"),
         _nerf_cpu(tiny_sd, 2)
@@ -112,7 +112,7 @@ def test_nerf_generate_then_edit_the_checkpoint(tiny_sd, tmp_path):
     assert f"source and target from {ckpt}" in out
     assert "edit source unchanged: True" in out
     assert len([r for r in _rows(edit) if r.get("train/loss_sds")]) == 2
-    sd = torch.load(os.path.join(edit, "ckpts", "last.ckpt"), map_location="cpu", weights_only=False)["state_dict"]
+    sd = torch.load(os.path.join(edit, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)["state_dict"]
     geo = [k for k in src_sd if k.startswith("geometry.") and src_sd[k].is_floating_point()]
     assert geo and all(sd[k].shape == src_sd[k].shape for k in geo)
     # started from the checkpoint (2 small steps away from it) and was trained
@@ -136,7 +136,7 @@ def test_gs_edit_identical_prompts_unchanged_target_zero_gradient(tiny_sd, tmp_p
     )
     rows = [r for r in _rows(edit) if r.get("train/grad_norm")]
     assert len(rows) == 3 and all(float(r["train/grad_norm"]) == 0.0 for r in rows)
-    sd = torch.load(os.path.join(edit, "ckpts", "last.ckpt"), map_location="cpu", weights_only=False)["state_dict"]
+    sd = torch.load(os.path.join(edit, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)["state_dict"]
     asset = load_gaussians_ply(ply, sh_degree=0)
     for k, v in asset.items():
         assert torch.equal(sd[f"geometry.params.{k}"], v), k

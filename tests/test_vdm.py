@@ -228,7 +228,7 @@ def test_resume_restores_operator_exactly():
     torch.save(a.full_state_dict(), buf)
     buf.seek(0)
     b = small_mapping(seed=123)  # different initial ψ
-    b.load_full_state_dict(torch.load(buf, weights_only=False))
+    b.load_full_state_dict(torch.load(buf, weights_only=True))
     assert b.num_updates == 3
     for (k, v), (k2, v2) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
@@ -328,7 +328,7 @@ def test_checkpoint_mixin_saves_and_restores_with_lightning(tmp_path, build_in_i
     trainer.fit(sys1, data)
     ckpt = str(tmp_path / "last.ckpt")
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)[CHECKPOINT_KEY]["toy"]
+    saved = torch.load(ckpt, weights_only=True)[CHECKPOINT_KEY]["toy"]
     assert saved["num_updates"] == 2
     for k, v in sys1.guidance.mapping.model.state_dict().items():
         assert torch.equal(saved["model"][k], v)

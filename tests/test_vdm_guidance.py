@@ -118,7 +118,7 @@ def test_ablation_operators_and_luciddreamer_weighting(env, tiny_sd):
 
 # ----------------------------------------------------------------------------- launch.py runs
 def _ckpt_state(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt["scoredistill_guidance_states"]["vdm-guidance"]
 
 

@@ -8,6 +8,8 @@
 * launch overrides for CPU runs with the tiny SD: :func:`tiny_overrides` (guidance + prompt processor +
   small renders), :func:`gs_cpu_overrides` (small Gaussian init), :func:`nerf_cpu_overrides` (pure-torch
   NeRF and the pack's CPU volume renderer).
+* fault injection for launch tests: ``run_launch(..., env={"SCOREDISTILL_TEST_FAULTS": json.dumps(spec)})``
+  (non-finite latent gradient / render / parameter gradient at chosen steps; see ``faults.py``).
 * in-process helpers: :func:`make_prompt_utils` (threestudio's SD prompt processor on the tiny SD),
   :func:`tiny_guidance_config` (a guidance config dict for the tiny SD on CPU), :func:`one_intraop_thread`
   and :func:`one_thread_fixture` (tiny models run fastest with one torch intra-op thread on a shared CPU).

@@ -122,6 +122,11 @@ def install():
 
 if __name__ == "__main__":
     install()
+    if os.environ.get("SCOREDISTILL_TEST_FAULTS"):  # fault injection for the finite-step tests (faults.py)
+        sys.path.insert(0, HERE)
+        import faults
+
+        faults.install()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

@@ -24,6 +24,7 @@ See ``docs/guidance-base.md``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -46,6 +47,8 @@ from ..core.diffusion import (
 from .checkpointing import CheckpointedGuidanceMixin
 from .memory import load_models as load_memory_options_models
 from .memory import validate_memory_options
+from .checkpointing import CheckpointedGuidanceMixin, attach_resume_check, find_calling_lightning_module
+from .finite import clone_state, get_finite_guard, install_finite_guard, validate_max_nonfinite_skips
 
 
 def _C(value: Any, epoch: int, global_step: int) -> float:
@@ -140,6 +143,9 @@ class ScoreDistillationGuidance(BaseObject):
         #: torch.compile the UNet (nn.Module.compile(**compile_unet_params))
         compile_unet: bool = False
         compile_unet_params: Optional[dict] = field(default_factory=dict)
+        #: consecutive skipped (non-finite) optimizer steps that stop the run; null = the system's
+        #: ``system.max_nonfinite_skips`` (pack systems) or 10 (e.g. threestudio's dreamfusion-system)
+        max_nonfinite_skips: Optional[int] = None
 
     cfg: Config
 
@@ -182,6 +188,54 @@ class ScoreDistillationGuidance(BaseObject):
             clip_vals = _schedule_values_named("grad_clip", cfg.grad_clip, sorted(_milestones(cfg.grad_clip, cfg.trainer_max_steps)))
             if any(v <= 0 for v in clip_vals):
                 raise ValueError(f"grad_clip must be > 0 (or null to disable), got {clip_vals}")
+        validate_max_nonfinite_skips(cfg.max_nonfinite_skips, "system.guidance.max_nonfinite_skips", allow_none=True)
+
+    def __init__(self, cfg: Optional[Any] = None, *args, **kwargs) -> None:
+        super().__init__(cfg, *args, **kwargs)  # BaseObject: parse the config, configure()
+        self.attach_finite_guard(find_calling_lightning_module(_frame=inspect.currentframe().f_back))
+
+    # ------------------------------------------------------------------ finite steps
+    def attach_finite_guard(self, system) -> bool:
+        """Attach to ``system`` (a LightningModule, or ``None``: no-op): the finite-step guard
+        (:mod:`scoredistill.guidance.finite`) and the resume check (:func:`~.checkpointing.attach_resume_check`).
+        Called after ``configure()`` with the system on the call stack, and from ``do_update_step`` as a
+        fallback.  Returns whether a guard is attached."""
+        if system is None:
+            return False
+        if self.__dict__.get("_finite_system") is system:
+            return True
+        attach_resume_check(system)
+        self.__dict__["_finite_system"] = system  # private: threestudio's do_update_step visits public attributes
+        install_finite_guard(system, self.cfg.max_nonfinite_skips, "system.guidance.max_nonfinite_skips")
+        return True
+
+    @property
+    def finite_guard(self):
+        """The :class:`~scoredistill.guidance.finite.FiniteStepGuard` of the system this guidance runs in, or ``None``."""
+        return get_finite_guard(self.__dict__.get("_finite_system"))
+
+    @property
+    def guard_name(self) -> str:
+        """The registered name (e.g. ``hifa-guidance``) used in finite-step messages; else the class name."""
+        key = getattr(self, "checkpoint_state_key", None)
+        if key:
+            return key
+        from .._registry import REGISTERED_NAMES, _identity
+
+        ident = _identity(type(self))
+        return next((n for n, i in REGISTERED_NAMES.items() if i == ident), type(self).__name__)
+
+    def rollback_state(self) -> Optional[Any]:
+        """A copy of the guidance's own trainable state for the finite-step rollback (``None``: it has none)."""
+        return None
+
+    def restore_rollback_state(self, state: Any) -> None:
+        """Restore :meth:`rollback_state` output (a skipped step leaves the guidance state untouched)."""
+
+    def do_update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):
+        if self.__dict__.get("_finite_system") is None:
+            self.attach_finite_guard(find_calling_lightning_module(4, holding=self, _frame=inspect.currentframe().f_back))
+        super().do_update_step(epoch, global_step, on_load_weights=on_load_weights)
 
     def configure(self) -> None:
         self.validate_config()
@@ -382,9 +436,15 @@ class ScoreDistillationGuidance(BaseObject):
         ``d loss_sds / d latents = grad / B`` (:func:`scoredistill.core.diffusion.grad_to_loss`).
         """
         kwargs.pop("guidance_eval", None)
+        guard = self.finite_guard
+        if guard is not None:  # keep the own state of this step (restored if the step is skipped)
+            guard.snapshot(self.guard_name, self.rollback_state, self.restore_rollback_state)
         latents = self.get_latents(rgb, rgb_as_latents=rgb_as_latents)
         out = dict(self.compute_grad(latents, prompt_utils, elevation, azimuth, camera_distances, **kwargs))
-        grad = torch.nan_to_num(out.pop("grad").to(latents.dtype))
+        grad = out.pop("grad").to(latents.dtype)
+        # no nan_to_num (it turns ±inf into ±3.4e38): a non-finite gradient makes the step skipped
+        if guard is not None:
+            guard.check_finite(f"latent gradient ({self.guard_name})", grad)
         if self.grad_clip_val is not None:
             grad = grad.clamp(-self.grad_clip_val, self.grad_clip_val)
         result = {
@@ -429,6 +489,13 @@ class CheckpointedScoreDistillationGuidance(CheckpointedGuidanceMixin, ScoreDist
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """:meth:`load_guidance_state_dict`."""
+        self.load_guidance_state_dict(state)
+
+    def rollback_state(self) -> Dict[str, Any]:
+        """A detached copy of :meth:`guidance_state_dict` (parameters, optimizer moments, counters)."""
+        return clone_state(self.guidance_state_dict())
+
+    def restore_rollback_state(self, state: Dict[str, Any]) -> None:
         self.load_guidance_state_dict(state)
 
     def do_update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):

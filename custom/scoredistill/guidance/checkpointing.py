@@ -24,21 +24,44 @@ The mechanism (:meth:`CheckpointedGuidanceMixin.attach_checkpointing`):
 Several guidances on one system share the wrapped hooks and are stored under different keys
 (``checkpoint_state_key``, default the class name).  Weights loaded with threestudio's ``system.weights``
 (not a resume) do not carry guidance state.
+
+Resume compatibility (:func:`attach_resume_check`, attached by every pack guidance and pack system): each
+checkpoint also records the run's identity (``checkpoint["scoredistill_run"]``: ``guidance_type``,
+``geometry_type``, ``geometry.sh_degree`` where the geometry has one), and a resume whose config differs
+-- or whose checkpoint holds the trained state of another guidance, or none for a guidance that keeps one --
+is refused with a ``ValueError`` naming the checkpoint and the setting, before any step.
+
+Files are read with ``torch.load(weights_only=True)`` only (no fallback to full unpickling: a checkpoint
+holding pickled objects is refused, never executed).
 """
 from __future__ import annotations
 
 import inspect
+import pickle
 import warnings
 from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["CHECKPOINT_KEY", "CheckpointedGuidanceMixin", "find_calling_lightning_module", "load_checkpoint_file"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "RUN_KEY",
+    "CheckpointedGuidanceMixin",
+    "attach_resume_check",
+    "check_resume_compatible",
+    "find_calling_lightning_module",
+    "load_checkpoint_file",
+    "run_identity",
+]
 
 #: top-level key of a Lightning checkpoint under which guidance states are stored (a dict: key -> state)
 CHECKPOINT_KEY = "scoredistill_guidance_states"
 #: attribute of a system instance holding the registry {key: guidance} of attached guidances
 _REGISTRY_ATTR = "_scoredistill_checkpointed_guidances"
+#: top-level key of a Lightning checkpoint holding the run identity (:func:`run_identity`)
+RUN_KEY = "scoredistill_run"
+#: attribute of a system instance: the resume check is attached (value: the checkpoint path checked, or None)
+_RESUME_ATTR = "_scoredistill_resume_check"
 
 
 def _lightning_module_class():
@@ -78,12 +101,104 @@ def find_calling_lightning_module(max_depth: int = 30, holding: Any = None, _fra
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint on the CPU: ``weights_only`` first, a full unpickle if the file holds
-    non-tensor objects (a checkpoint Lightning has already accepted for this run)."""
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, containers and primitive values only.
+
+    Raises:
+        ValueError: the file holds other pickled objects (refused: never unpickled), naming the file.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load checkpoint {path}: it holds pickled objects other than tensors and plain containers, "
+            f"and scoredistill reads checkpoints with torch.load(weights_only=True) only ({str(e).splitlines()[0]})"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ resume compatibility
+def run_identity(system) -> Dict[str, Any]:
+    """What a resume must keep: ``{"guidance_type", "geometry_type", "geometry.sh_degree"}`` from ``system.cfg``
+    (entries the system's config does not have are left out)."""
+    cfg = getattr(system, "cfg", None)
+    ident: Dict[str, Any] = {}
+    for key in ("guidance_type", "geometry_type"):
+        value = getattr(cfg, key, None) if cfg is not None else None
+        if isinstance(value, str):
+            ident[key] = value
+    geometry = getattr(cfg, "geometry", None) if cfg is not None else None
+    try:
+        sh = geometry.get("sh_degree") if geometry is not None else None
     except Exception:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        sh = None
+    if isinstance(sh, int) and not isinstance(sh, bool):
+        ident["geometry.sh_degree"] = int(sh)
+    return ident
+
+
+def check_resume_compatible(system, checkpoint: Dict[str, Any], path: Any) -> None:
+    """Refuse to resume ``system`` from ``checkpoint`` (read from ``path``) if it belongs to another run.
+
+    Compared: the stored :func:`run_identity` (checkpoints written with the pack's hooks) with this config, and
+    the guidance states the checkpoint holds (``checkpoint[CHECKPOINT_KEY]``: keys are the guidances' registered
+    names) with ``system.guidance_type``.
+
+    Raises:
+        ValueError: naming the checkpoint, each differing setting, and what to do.
+    """
+    current = run_identity(system)
+    stored = checkpoint.get(RUN_KEY)
+    problems = []
+    if isinstance(stored, dict):
+        for key, value in stored.items():
+            if key in current and current[key] != value:
+                problems.append(f"it was trained with system.{key}={value!r}, this config has system.{key}={current[key]!r}")
+    guidance = current.get("guidance_type")
+    states = checkpoint.get(CHECKPOINT_KEY) or {}
+    foreign = sorted(k for k in states if k != guidance)
+    if guidance and foreign and not any(p.startswith("it was trained with system.guidance_type") for p in problems):
+        problems.append(
+            f"it holds the trained state of {', '.join(foreign)} (checkpoint['{CHECKPOINT_KEY}']), "
+            f"not of this config's system.guidance_type={guidance!r}"
+        )
+    if problems:
+        raise ValueError(
+            f"resume={path}: this checkpoint cannot be resumed with this config: {'; '.join(problems)}. A resume "
+            "continues the checkpoint's own run: resume with its trial's configs/parsed.yaml, or start a new trial "
+            "(system.weights=<checkpoint> loads only the module weights)"
+        )
+
+
+def _running_ckpt_path(system) -> Optional[str]:
+    trainer = getattr(system, "_trainer", None)
+    return getattr(trainer, "ckpt_path", None) if trainer is not None else None
+
+
+def attach_resume_check(system) -> None:
+    """Make ``system``'s checkpoints record :func:`run_identity` and its resumes run :func:`check_resume_compatible`
+    (idempotent).  Wraps the instance's ``on_save_checkpoint`` / ``on_load_checkpoint`` (Lightning calls the
+    latter before loading the state dict); if the trainer is already resuming (``trainer.ckpt_path``: a system
+    part built in ``on_fit_start``), the file is read and checked now."""
+    if _RESUME_ATTR not in system.__dict__:
+        system.__dict__[_RESUME_ATTR] = None
+        original_save = system.on_save_checkpoint
+        original_load = system.on_load_checkpoint
+
+        def on_save_checkpoint(checkpoint, _orig=original_save, _system=system):
+            _orig(checkpoint)
+            checkpoint[RUN_KEY] = run_identity(_system)
+
+        def on_load_checkpoint(checkpoint, _orig=original_load, _system=system):
+            path = _running_ckpt_path(_system)
+            check_resume_compatible(_system, checkpoint, path or "<checkpoint>")
+            _system.__dict__[_RESUME_ATTR] = path
+            _orig(checkpoint)
+
+        system.__dict__["on_save_checkpoint"] = on_save_checkpoint
+        system.__dict__["on_load_checkpoint"] = on_load_checkpoint
+    path = _running_ckpt_path(system)
+    if path and system.__dict__.get(_RESUME_ATTR) != path:
+        check_resume_compatible(system, load_checkpoint_file(path), path)
+        system.__dict__[_RESUME_ATTR] = path
 
 
 class CheckpointedGuidanceMixin:
@@ -147,10 +262,11 @@ class CheckpointedGuidanceMixin:
 
             def on_load_checkpoint(checkpoint, _orig=original_load, _reg=registry):
                 _orig(checkpoint)
-                states = checkpoint.get(CHECKPOINT_KEY, {})
+                states = checkpoint.get(CHECKPOINT_KEY) or {}
                 for key, guidance in _reg.items():
-                    if key in states:
-                        guidance._load_checkpointed_state(states[key])
+                    if key not in states:
+                        raise ValueError(guidance._missing_state_message(_running_ckpt_path(system) or "<checkpoint>", states))
+                    guidance._load_checkpointed_state(states[key])
 
             system.__dict__["on_save_checkpoint"] = on_save_checkpoint
             system.__dict__["on_load_checkpoint"] = on_load_checkpoint
@@ -169,6 +285,15 @@ class CheckpointedGuidanceMixin:
         system = find_calling_lightning_module(max_depth, holding=self, _frame=inspect.currentframe().f_back)
         return system is not None and self.attach_checkpointing(system)
 
+    def _missing_state_message(self, path, states: dict) -> str:
+        held = f"the state of {', '.join(sorted(states))}" if states else "no guidance state"
+        return (
+            f"resume={path}: the checkpoint holds no trained state of '{self._checkpoint_key()}' "
+            f"(checkpoint['{CHECKPOINT_KEY}'] has {held}): it was trained with another guidance than this "
+            "config's system.guidance_type. Resume with the checkpoint's own config, or start a new trial "
+            "(system.weights=<checkpoint> loads only the module weights)"
+        )
+
     def _load_checkpointed_state(self, state: dict) -> None:
         self.load_guidance_state_dict(state)
         self.__dict__["_checkpoint_restored"] = True
@@ -182,12 +307,9 @@ class CheckpointedGuidanceMixin:
         ckpt_path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         if not ckpt_path:
             return False
-        state = load_checkpoint_file(ckpt_path).get(CHECKPOINT_KEY, {}).get(self._checkpoint_key())
+        states = load_checkpoint_file(ckpt_path).get(CHECKPOINT_KEY) or {}
+        state = states.get(self._checkpoint_key())
         if state is None:
-            warnings.warn(
-                f"{type(self).__name__}: resuming from {ckpt_path}, which holds no state for "
-                f"'{self._checkpoint_key()}'; starting it from scratch"
-            )
-            return False
+            raise ValueError(self._missing_state_message(ckpt_path, states))
         self._load_checkpointed_state(state)
         return True

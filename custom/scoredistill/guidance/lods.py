@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .finite import step_is_finite
 from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
 from ..distributed import all_reduce_grads_
 
@@ -331,6 +332,9 @@ class LODSLearner:
         self.unet_calls = 0
         self.unet_samples = 0
         self.unet_backward_samples = 0
+        #: Eq. 8/10 updates skipped for a non-finite loss / gradient, and whether the last one was
+        self.nonfinite_skips = 0
+        self.last_update_skipped = False
         self.aux_steps = 0
         if variant == "lora":
             self.lora_params = add_lora_adapter(
@@ -389,16 +393,25 @@ class LODSLearner:
             return e_c, e_u
 
     # ------------------------------------------------------------------ step (b)
-    def _apply_aux_loss(self, loss: torch.Tensor) -> None:
+    def _apply_aux_loss(self, loss: torch.Tensor) -> bool:
+        """Optimizer step of α / ψ on ``loss``, only if the loss and every gradient are finite (else skipped:
+        α / ψ and the optimizer moments untouched, ``nonfinite_skips`` counted).  Returns whether it was applied."""
         params = self.parameters()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.to(p.dtype)
-        # DDP: average over the ranks before any use of the gradient (union-batch Eq. 8/10; no-op in one process)
+        # DDP: average over the ranks before any use of the gradient (union-batch Eq. 8/10; no-op in one process),
+        # and before the finite check, so every rank takes the same skip decision (a NaN on one rank reaches all)
         all_reduce_grads_(params, part="guidance")
+        self.last_update_skipped = not step_is_finite(loss, [p.grad for p in params])
+        if self.last_update_skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skips += 1
+            return False
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.aux_steps += 1
+        return True
 
     def aux_loss(
         self,
@@ -451,6 +464,7 @@ class LODSLearner:
             ``unet_backward_samples``.
         """
         c0, s0, b0 = self.unet_calls, self.unet_samples, self.unet_backward_samples
+        self.last_update_skipped = False
         z = latents.detach()
         if self.variant == "embedding" and self.alpha is None:
             self.initialise_alpha(uncond)
@@ -490,13 +504,14 @@ class LODSLearner:
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
-        """α / LoRA tensors (CPU copies), optimizer state and counters -- no frozen UNet weights.
-        Loadable with ``torch.load(..., weights_only=True)``."""
+    def state_dict(self, to_cpu: bool = True) -> Dict[str, Any]:
+        """α / LoRA tensors (CPU copies; ``to_cpu=False``: copies on their device), optimizer state and counters
+        -- no frozen UNet weights.  Loadable with ``torch.load(..., weights_only=True)``."""
+        copy = (lambda t: t.detach().cpu().clone()) if to_cpu else (lambda t: t.detach().clone())
         return {
             "variant": self.variant,
-            "alpha": None if self.alpha is None else self.alpha.detach().cpu().clone(),
-            "lora": [p.detach().cpu().clone() for p in self.lora_params],
+            "alpha": None if self.alpha is None else copy(self.alpha),
+            "lora": [copy(p) for p in self.lora_params],
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "aux_steps": self.aux_steps,
             "unet_calls": self.unet_calls,

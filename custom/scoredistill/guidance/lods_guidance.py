@@ -12,6 +12,9 @@ Thin adapter over :class:`scoredistill.guidance.lods.LODSLearner` (the maths: Eq
     gradient from the system's loss and are not in the system's optimizer, so the guidance works unchanged
     in ``dreamfusion-system``, the pack's ``gsplat-system`` or any other system.
 
+An Eq. 8/10 update with a non-finite loss or gradient is skipped (α / ψ and moments untouched; logged as
+``lods_aux_nonfinite_skips``) and makes the system's step skipped too (:mod:`scoredistill.guidance.finite`).
+
 Logged (not losses): ``lods_aux_loss`` (Eq. 8/10 value), ``lods_aux_steps``, and this call's UNet cost
 ``lods_unet_calls`` / ``lods_unet_samples`` / ``lods_unet_backward_samples``.
 
@@ -38,6 +41,7 @@ from .._registry import register
 from ..distributed import broadcast_
 from .base import CheckpointedScoreDistillationGuidance
 from .checkpointing import CHECKPOINT_KEY
+from .finite import clone_state
 from .lods import (
     DEFAULT_AUX_STEP_PERCENT,
     DEFAULT_GUIDANCE_SCALE,
@@ -157,6 +161,10 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
         }
         if out["aux_loss"] is not None:
             logs["lods_aux_loss"] = out["aux_loss"]
+        logs["lods_aux_nonfinite_skips"] = self.learner.nonfinite_skips
+        guard = self.finite_guard
+        if guard is not None and self.learner.last_update_skipped:
+            guard.flag("LODS α/ψ update (Eq. 8/10)", True)  # the whole step is skipped and α / ψ rolled back
         return logs
 
     # ------------------------------------------------------------------ state
@@ -167,6 +175,13 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
     def guidance_state_dict(self) -> Dict[str, Any]:
         """α / LoRA tensors, their optimizer state and counters (no frozen SD weights)."""
         return self.learner.state_dict()
+
+    def rollback_state(self) -> Dict[str, Any]:
+        """Copy of α / ψ, moments and counters on their device (no host copy per step) for the finite-step rollback."""
+        return clone_state(self.learner.state_dict(to_cpu=False))
+
+    def restore_rollback_state(self, state: Dict[str, Any]) -> None:
+        self.learner.load_state_dict(state)
 
     def load_guidance_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`guidance_state_dict` output. Raises ``ValueError`` on a variant / LoRA-shape mismatch."""

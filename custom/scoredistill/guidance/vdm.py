@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scoredistill.distributed import all_reduce_grads_
+from scoredistill.guidance.finite import step_is_finite
 from scoredistill.core.diffusion import (
     WEIGHTING_STRATEGIES,
     EpsFn,
@@ -459,6 +460,9 @@ class VariationalDistributionMapping(nn.Module):
         self.optimizer_name = optimizer
         self.steps_per_iter = int(steps_per_iter)
         self.num_updates = 0
+        #: Eq. 17 updates skipped for a non-finite input / loss / gradient, and whether this call's was
+        self.nonfinite_skips = 0
+        self.last_update_skipped = False
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -477,25 +481,47 @@ class VariationalDistributionMapping(nn.Module):
     def train_step(self, eps: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eq. 17 update(s) of ψ on a detached input.
 
-        Runs ``steps_per_iter`` optimizer steps; returns ``(M_ψ(eps) of the first forward, detached; loss of the
+        Runs ``steps_per_iter`` optimizer steps (stopping at the first with a non-finite input, loss or
+        gradient, which is skipped: ψ, its moments and BatchNorm statistics untouched; ``last_update_skipped``
+        and ``nonfinite_skips`` record it); returns ``(M_ψ(eps) of the first forward, detached; loss of the
         first forward, detached scalar)`` -- i.e. the operator output and loss with ψ *before* this call's
         update(s) (Alg. 1 forms L_op and L_VDM with the same ψ).  Gradients never reach ``eps`` (detached) or
         anything outside ψ.
         """
+        self.last_update_skipped = False
+        if not bool(torch.isfinite(eps.detach()).all() & torch.isfinite(noise).all()):
+            # a non-finite input would also poison BatchNorm's running statistics: no training forward at all
+            self.last_update_skipped = True
+            self.nonfinite_skips += 1
+            self.model.eval()  # BatchNorm in train mode updates its statistics even without grad
+            with torch.no_grad():
+                out = self(eps).detach()
+            self.model.train()
+            return out, operator_loss(out.float(), noise.float())
         self.model.train()
         first_out, first_loss = None, None
         with torch.enable_grad():
             for _ in range(self.steps_per_iter):
+                buffers = [b.detach().clone() for b in self.model.buffers()]
                 out = self(eps)
                 loss = operator_loss(out.float(), noise.float())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                # DDP: average over the ranks before any use of the gradient (union-batch Eq. 17; no-op in one process)
+                # DDP: average over the ranks before any use of the gradient (union-batch Eq. 17; no-op in one
+                # process) -- before the finite check, so every rank takes the same skip decision
                 all_reduce_grads_(self.model.parameters(), part="guidance")
-                self.optimizer.step()
-                self.num_updates += 1
                 if first_out is None:
                     first_out, first_loss = out.detach(), loss.detach()
+                if not step_is_finite(loss, [p.grad for p in self.model.parameters()]):  # skip: ψ, moments, BN stats untouched
+                    self.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        for b, saved in zip(self.model.buffers(), buffers):
+                            b.copy_(saved)
+                    self.last_update_skipped = True
+                    self.nonfinite_skips += 1
+                    break
+                self.optimizer.step()
+                self.num_updates += 1
         return first_out, first_loss
 
     def full_state_dict(self) -> Dict[str, object]:

@@ -13,6 +13,10 @@ shared :class:`scoredistill.guidance.base.ScoreDistillationGuidance` (SD loading
 4. ``grad = ω(t)(ε̃ − λ_t M_ψ(ε_in))`` (Eq. 19 with DCA Eq. 18), returned as ``loss_sds``
    (``d loss_sds / d latents = grad / B``), so ``lambda_sds`` of any threestudio system applies.
 
+An Eq. 17 update with a non-finite input, loss or gradient is skipped (ψ, moments and BatchNorm statistics
+untouched; logged as ``vdm_operator_nonfinite_skips``) and makes the system's step skipped too
+(:mod:`scoredistill.guidance.finite`).
+
 Logged (not losses): ``vdm_operator_loss`` (Eq. 17 before the update), ``vdm_operator_updates``,
 ``vdm_lambda`` (mean λ_t), ``vdm_timestep`` (mean t), ``vdm_unet_calls`` / ``vdm_unet_samples`` (this call).
 
@@ -174,8 +178,12 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             refresh_after_update=c.refresh_operator_after_update,
             x_t_jacobian=c.x_t_jacobian,
         )
+        guard = self.finite_guard
+        if guard is not None and self.mapping.last_update_skipped:
+            guard.flag("VDM operator update (Eq. 17)", True)  # the whole step is skipped and M_ψ rolled back
         return {
             "grad": out["grad"],
+            "vdm_operator_nonfinite_skips": self.mapping.nonfinite_skips,
             "vdm_operator_loss": out["loss_op"],
             "vdm_operator_updates": self.mapping.num_updates,
             "vdm_lambda": out["lambda_t"].mean(),
@@ -197,6 +205,10 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             "learnable_noise": c.learnable_noise,
             "mapping": self.mapping.full_state_dict(),
         }
+
+    def restore_rollback_state(self, state: Dict[str, Any]) -> None:
+        """Finite-step rollback (the copy of :meth:`guidance_state_dict` taken at this step's first call)."""
+        self.mapping.load_full_state_dict(state["mapping"])
 
     def load_guidance_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`guidance_state_dict` output exactly.

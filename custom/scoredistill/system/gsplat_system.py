@@ -25,6 +25,7 @@ frozen source render for UDS editing) and :meth:`extra_losses` (additional named
 from __future__ import annotations
 
 import os
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -39,6 +40,8 @@ from scoredistill._registry import register
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
+from scoredistill.guidance.checkpointing import attach_resume_check
+from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, get_finite_guard, install_finite_guard
 
 #: learning rates of the reference 3DGS implementation (position lr before scene-extent scaling)
 DEFAULT_LRS = {
@@ -63,6 +66,8 @@ class GsplatSystem(BaseLift3DSystem):
         ply_name: str = "gaussians.ply"
         #: also write the depth map in validation/test grids
         visualize_depth: bool = False
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
 
@@ -86,6 +91,9 @@ class GsplatSystem(BaseLift3DSystem):
         validate_system_settings(self)
         if not isinstance(self.cfg.ply_name, str) or not self.cfg.ply_name.endswith(".ply"):
             raise ValueError(f"system.ply_name must be a file name ending with .ply, got {self.cfg.ply_name!r}")
+        # finite-step guard (validates system.max_nonfinite_skips) and resume check, before models load
+        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
+        attach_resume_check(self)
         self.densifier = GaussianDensifier(dict(self.cfg.strategy))  # validates before models load
         if self.cfg.position_lr is not None:
             self._position_lr(0)  # validate
@@ -237,6 +245,10 @@ class GsplatSystem(BaseLift3DSystem):
         self._densify()
 
     def _densify(self) -> None:
+        guard = get_finite_guard(self)
+        if guard is not None and guard.last_skipped:  # a skipped (non-finite) step: no densification statistics
+            self._step_info = None
+            return
         if self._step_info is None or self.densifier.type == "none":
             self._step_info = None
             return
@@ -255,6 +267,17 @@ class GsplatSystem(BaseLift3DSystem):
         checkpoint["gsplat_num_gaussians"] = self.geometry.num_gaussians
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        shN = (checkpoint.get("state_dict") or {}).get("geometry.params.shN")
+        want = self.cfg.geometry.get("sh_degree", 0)
+        if isinstance(shN, torch.Tensor) and shN.dim() == 3:
+            have = math.isqrt(shN.shape[1] + 1) - 1
+            if have != want:
+                path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+                raise ValueError(
+                    f"resume={path or '<checkpoint>'}: the checkpoint's Gaussians have SH degree {have} "
+                    f"(geometry.params.shN of shape {tuple(shN.shape)}), this config has system.geometry.sh_degree={want}; "
+                    f"resume with system.geometry.sh_degree={have}, or start a new trial"
+                )
         if "gsplat_strategy_state" in checkpoint:
             self._pending_strategy_state = checkpoint["gsplat_strategy_state"]
 

@@ -48,6 +48,8 @@ from threestudio.utils.ops import binary_cross_entropy, dot
 
 from .._registry import register
 from ..validation import defer_config_snapshot, validate_system_settings
+from ..guidance.checkpointing import attach_resume_check
+from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
 from ..core.hifa import (
     ANNEALING_SCHEDULES,
     DISPARITY_LOSSES,
@@ -111,6 +113,8 @@ class HiFASystem(DreamFusion):
         disparity_opacity_threshold: float = 0.5
         #: DPT input size; None = from the checkpoint's preprocessor_config.json / config.image_size
         disparity_image_size: Optional[int] = None
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
 
@@ -156,6 +160,8 @@ class HiFASystem(DreamFusion):
         validate_system_settings(
             self, guidance_cfg=self.guidance_config(self.cfg.guidance_type, self.cfg.guidance, self.cfg.sds_plus_image_term)
         )
+        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
+        attach_resume_check(self)
         super().configure()
         self._warned_no_img = False
 

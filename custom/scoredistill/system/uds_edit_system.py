@@ -40,6 +40,8 @@ from threestudio.systems.dreamfusion import DreamFusion
 from threestudio.utils.base import Updateable
 
 from scoredistill._registry import register
+from scoredistill.guidance.checkpointing import attach_resume_check
+from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
 from scoredistill.system.gsplat_system import GsplatSystem
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
 
@@ -187,11 +189,16 @@ class NerfEditSystem(_SourceMixin, DreamFusion):
         source_checkpoint: str = ""
         #: source prompt y_src; null = the target prompt
         source_prompt: Optional[str] = None
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
 
     def configure(self) -> None:
         from threestudio.utils.config import load_config, parse_structured
+
+        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
+        attach_resume_check(self)
         from threestudio.utils.misc import load_module_weights
 
         validate_system_settings(self)  # before the source checkpoint and any model load

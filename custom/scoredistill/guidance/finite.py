@@ -1,0 +1,289 @@
+"""The finite-step guarantee: no optimizer step with a non-finite value is ever applied.
+
+One mechanism for every system the pack's guidances run in (the pack's ``gsplat-system``, ``hifa-system``,
+edit systems, and threestudio's own ``dreamfusion-system``), with any system unmodified: a
+:class:`FiniteStepGuard` is attached to the system *instance* (like the checkpoint hooks of
+:mod:`scoredistill.guidance.checkpointing`) by wrapping two of its Lightning hooks:
+
+* ``training_step``: clears this step's flags, runs the system's step, flags a non-finite returned loss;
+* ``on_before_optimizer_step`` (Lightning calls it after backward, after the DDP all-reduce and after AMP
+  unscaling, before gradient clipping and ``optimizer.step()``): computes the total parameter-gradient norm
+  ``sqrt(Σ_p ‖g_p‖²)`` in float32 (non-finite iff some gradient is non-finite or so large that Adam's second
+  moment ``g²`` would overflow), and decides -- with ONE host sync for all checks, and one boolean all-reduce
+  across DDP ranks so every rank takes the same decision.
+
+During the step, guidances add flags (:meth:`FiniteStepGuard.flag`): the pack's guidances flag a non-finite
+latent gradient (before ``grad_clip``, which would otherwise turn ±inf into ±clip) and a skipped internal
+update (LODS α / ψ, VDM ``M_ψ``), and register a snapshot of their own trainable state
+(:meth:`FiniteStepGuard.snapshot`).
+
+A skipped step: every parameter gradient of the optimizer is set to ``None`` (torch optimizers then leave
+the parameter *and its moments* untouched, Adam's step count included), each registered guidance state is
+restored from its snapshot, the step is logged (``WARNING`` naming the failed checks) and counted
+(``train/nonfinite_skips``, ``train/nonfinite_consecutive``; ``train/param_grad_norm`` every step).
+The trainer's step counter still advances (schedules follow the step index).  ``max_consecutive_skips``
+consecutive skips stop the run with :class:`NonFiniteStepError`.
+
+Under AMP with a ``GradScaler`` (``trainer.precision: 16-mixed``), a step whose only non-finite values are
+parameter gradients while the loss scale is >= 1 is the scaler's own overflow step (the scaler skips it and
+lowers the scale): it is skipped the same way, logged as ``train/amp_overflow_skips`` and not counted
+toward the consecutive limit.
+
+Plain python + torch; ``pytorch_lightning`` only through the objects it passes in.  Nothing here imports
+threestudio.  See ``docs/guidance-base.md``, "Finite steps".
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "DEFAULT_MAX_NONFINITE_SKIPS",
+    "FiniteStepGuard",
+    "NonFiniteStepError",
+    "clone_state",
+    "get_finite_guard",
+    "install_finite_guard",
+    "step_is_finite",
+    "validate_max_nonfinite_skips",
+]
+
+#: consecutive skipped steps after which the run stops (``system.max_nonfinite_skips``)
+DEFAULT_MAX_NONFINITE_SKIPS = 10
+#: attribute of a system instance holding its guard
+_GUARD_ATTR = "_scoredistill_finite_guard"
+
+_log = logging.getLogger("pytorch_lightning")  # threestudio's logger: shows up in launch.py's output
+
+
+class NonFiniteStepError(RuntimeError):
+    """Too many consecutive optimizer steps had non-finite values (nothing of them was applied)."""
+
+
+def validate_max_nonfinite_skips(value: Any, setting: str, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``setting`` unless ``value`` is an integer >= 1 (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or null (the system's setting)" if allow_none else ""
+        raise ValueError(f"{setting} must be an integer >= 1{extra}, got {value!r}")
+
+
+def clone_state(obj: Any) -> Any:
+    """Deep copy of a (nested dict / list / tuple) state with every tensor cloned (detached, same device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clone_state(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone_state(v) for v in obj)
+    return obj
+
+
+def step_is_finite(loss: Optional[torch.Tensor], grads) -> bool:
+    """The finite-step rule for one optimizer step, as one host sync: ``loss`` finite and
+    ``sqrt(Σ_g ‖g‖²)`` finite in float32 (so no gradient is non-finite and no Adam ``g²`` overflows).
+    Used by the guidances' own optimizers (LODS α / ψ, VDM ``M_ψ``)."""
+    grads = [g for g in grads if g is not None]
+    checks = []
+    if grads:
+        norms = torch._foreach_norm(grads)
+        checks.append(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()))
+    if loss is not None:
+        checks.append(torch.isfinite(loss.detach()).all().to(checks[0].device if checks else loss.device))
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+class FiniteStepGuard:
+    """Per-system state of the finite-step guarantee (see the module docstring).
+
+    Args:
+        max_consecutive_skips: consecutive skipped steps that stop the run (integer >= 1).
+        setting: the dotted config name of ``max_consecutive_skips`` (for messages).
+    Attributes:
+        skips: skipped steps so far; consecutive: current run of skipped steps; amp_overflow_skips;
+        last_skipped: whether the most recent decision skipped; last_reasons: its failed checks;
+        step: index of the current training step (counts ``training_step`` calls).
+    """
+
+    def __init__(self, max_consecutive_skips: int = DEFAULT_MAX_NONFINITE_SKIPS, setting: str = "system.max_nonfinite_skips"):
+        self.set_limit(max_consecutive_skips, setting)
+        self.skips = 0
+        self.consecutive = 0
+        self.amp_overflow_skips = 0
+        self.last_skipped = False
+        self.last_reasons: List[str] = []
+        self.step = 0
+        self._flags: List[Tuple[str, Any]] = []
+        self._snapshots: Dict[str, Tuple[Any, Callable[[Any], None]]] = {}
+
+    def set_limit(self, max_consecutive_skips: int, setting: str) -> None:
+        validate_max_nonfinite_skips(max_consecutive_skips, setting)
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.setting = setting
+
+    # ------------------------------------------------------------------ during a step
+    def begin_step(self) -> None:
+        """Start a training step: clear flags and snapshots."""
+        self.step += 1
+        self._flags = []
+        self._snapshots = {}
+
+    def flag(self, reason: str, bad: Any) -> None:
+        """Record a check: ``bad`` is a bool or a 0-dim bool tensor (evaluated lazily, at the decision)."""
+        self._flags.append((reason, bad))
+
+    def check_finite(self, reason: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Flag ``reason`` if ``tensor`` has a non-finite entry; returns the (lazy) 0-dim bool "all finite"."""
+        ok = torch.isfinite(tensor.detach()).all()
+        self.flag(reason, ~ok)
+        return ok
+
+    def snapshot(self, key: str, take: Callable[[], Any], restore: Callable[[Any], None]) -> bool:
+        """Keep ``take()`` (a copy of some trainable state) for this step, once per step and key; ``restore(copy)``
+        runs if the step is skipped.  Returns whether a snapshot was taken now."""
+        if key in self._snapshots:
+            return False
+        self._snapshots[key] = (take(), restore)
+        return True
+
+    # ------------------------------------------------------------------ the decision
+    @staticmethod
+    def grad_norm(optimizer) -> Tuple[Optional[torch.Tensor], List[torch.nn.Parameter]]:
+        """``(sqrt(Σ_p ‖g_p‖²) in float32 or None, params with a gradient)`` over ``optimizer``'s parameters."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return None, params
+        norms = torch._foreach_norm([p.grad for p in params])
+        device = norms[0].device
+        total = torch.stack([n.to(device, torch.float32) for n in norms]).square().sum().sqrt()
+        return total, params
+
+    def decide(self, optimizer, trainer=None, module=None) -> bool:
+        """Check this step; on failure skip it (grads to ``None``, guidance states restored).  Returns whether skipped.
+
+        Raises:
+            NonFiniteStepError: ``max_consecutive_skips`` consecutive steps were skipped.
+        """
+        total, params = self.grad_norm(optimizer)
+        device = total.device if total is not None else torch.device("cpu")
+        names = ["parameter gradient"]
+        values = [torch.zeros((), dtype=torch.bool, device=device) if total is None else ~torch.isfinite(total)]
+        for reason, bad in self._flags:
+            names.append(reason)
+            values.append(torch.as_tensor(bad, device=device).reshape(()).bool())
+        bad = torch.stack(values).cpu().tolist()  # the one host sync of all checks
+        reasons = [n for n, b in zip(names, bad) if b]
+        skip = bool(reasons)
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if trainer is not None and world > 1:  # all ranks take the same decision
+            skip = bool(trainer.strategy.reduce_boolean_decision(skip, all=False))
+            if skip and not reasons:
+                reasons = ["a non-finite value on another rank"]
+        amp_overflow = False
+        if skip and reasons == ["parameter gradient"]:
+            scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+            if scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1.0:
+                amp_overflow = True
+        if module is not None and total is not None:
+            _safe_log(module, "train/param_grad_norm", total.detach())
+        self.last_skipped, self.last_reasons = skip, reasons
+        if not skip:
+            self.consecutive = 0
+            self._snapshots = {}
+            _safe_log(module, "train/nonfinite_skips", float(self.skips))
+            _safe_log(module, "train/nonfinite_consecutive", 0.0)
+            return False
+        for p in params:
+            p.grad = None
+        for key, (saved, restore) in self._snapshots.items():
+            restore(saved)
+        self._snapshots = {}
+        if amp_overflow:
+            self.amp_overflow_skips += 1
+            _safe_log(module, "train/amp_overflow_skips", float(self.amp_overflow_skips))
+            _log.info(f"scoredistill: step {self._step_label(trainer)} skipped by the AMP GradScaler (gradient overflow)")
+            return True
+        self.skips += 1
+        self.consecutive += 1
+        _safe_log(module, "train/nonfinite_skips", float(self.skips))
+        _safe_log(module, "train/nonfinite_consecutive", float(self.consecutive))
+        norm = "none" if total is None else f"{float(total):.4g}"
+        msg = (
+            f"scoredistill: optimizer step {self._step_label(trainer)} skipped: non-finite {', '.join(reasons)} "
+            f"(parameter gradient norm {norm}); parameters, optimizer moments and guidance state left untouched "
+            f"[{self.consecutive} consecutive of at most {self.max_consecutive_skips} ({self.setting}), {self.skips} in total]"
+        )
+        _log.warning(msg)
+        if self.consecutive >= self.max_consecutive_skips:
+            raise NonFiniteStepError(
+                f"scoredistill: {self.consecutive} consecutive optimizer steps had non-finite values and were skipped "
+                f"(last at step {self._step_label(trainer)}: non-finite {', '.join(reasons)}); stopping the run. "
+                f"Nothing of these steps was applied, so the last checkpoint holds finite values. Check the inputs and "
+                f"settings (e.g. system.guidance.guidance_scale, learning rates, the render), or raise {self.setting} "
+                f"(now {self.max_consecutive_skips})."
+            )
+        return True
+
+    @staticmethod
+    def _step_label(trainer) -> str:
+        step = getattr(trainer, "global_step", None) if trainer is not None else None
+        return "?" if step is None else str(step)
+
+
+def _safe_log(module, name: str, value) -> None:
+    if module is None or getattr(module, "_trainer", None) is None:
+        return
+    try:
+        module.log(name, value)
+    except Exception:  # logging is best effort (e.g. a hook where Lightning forbids self.log)
+        pass
+
+
+def get_finite_guard(system) -> Optional[FiniteStepGuard]:
+    """The guard attached to ``system`` (a LightningModule instance), or ``None``."""
+    return None if system is None else system.__dict__.get(_GUARD_ATTR)
+
+
+def install_finite_guard(
+    system, max_consecutive_skips: Optional[int] = None, setting: Optional[str] = None
+) -> FiniteStepGuard:
+    """Attach the finite-step guard to the LightningModule instance ``system`` (idempotent) and return it.
+
+    Wraps the instance's ``training_step`` and ``on_before_optimizer_step`` (chaining to the class's).  A later
+    call with ``max_consecutive_skips`` set replaces the limit (and the setting name used in messages).
+    """
+    guard = get_finite_guard(system)
+    if guard is None:
+        guard = FiniteStepGuard(
+            DEFAULT_MAX_NONFINITE_SKIPS if max_consecutive_skips is None else max_consecutive_skips,
+            setting or "system.max_nonfinite_skips",
+        )
+        system.__dict__[_GUARD_ATTR] = guard
+        original_step = system.training_step
+        original_before = system.on_before_optimizer_step
+
+        def training_step(*args, _orig=original_step, _guard=guard, **kwargs):
+            _guard.begin_step()
+            out = _orig(*args, **kwargs)
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if isinstance(loss, torch.Tensor):
+                _guard.check_finite("loss", loss)
+            elif isinstance(loss, float) and not math.isfinite(loss):
+                _guard.flag("loss", True)
+            return out
+
+        def on_before_optimizer_step(optimizer, *args, _orig=original_before, _guard=guard, _system=system, **kwargs):
+            _orig(optimizer, *args, **kwargs)
+            _guard.decide(optimizer, getattr(_system, "_trainer", None), _system)
+
+        system.__dict__["training_step"] = training_step
+        system.__dict__["on_before_optimizer_step"] = on_before_optimizer_step
+    elif max_consecutive_skips is not None:
+        guard.set_limit(max_consecutive_skips, setting or guard.setting)
+    return guard
