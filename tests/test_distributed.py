@@ -44,6 +44,7 @@ def _bn_worker(rank, init_file, out, track):
         torch.save({"y": y.detach(), "grad_w": bn.weight.grad, "grad_b": bn.bias.grad, "state": bn.state_dict()},
                    os.path.join(out, f"bn{rank}.pt"))
     finally:
+        torch.distributed.barrier()  # both ranks done with every collective before teardown (gloo aborts otherwise)
         torch.distributed.destroy_process_group()
 
 
@@ -89,6 +90,7 @@ def _helpers_worker(rank, init_file, out):
                     "rng_kept": torch.equal(own_before, own_after), "max": m, "ws": D.world_size(), "rank": D.rank()},
                    os.path.join(out, f"h{rank}.pt"))
     finally:
+        torch.distributed.barrier()  # both ranks done with every collective before teardown (gloo aborts otherwise)
         torch.distributed.destroy_process_group()
 
 
@@ -169,6 +171,7 @@ def _densify_worker(rank, init_file, out):
         torch.save({"stats": stats, "counts": counts, "params": {k: v.detach() for k, v in params.items()}},
                    os.path.join(out, f"d{rank}.pt"))
     finally:
+        torch.distributed.barrier()  # both ranks done with every collective before teardown (gloo aborts otherwise)
         torch.distributed.destroy_process_group()
 
 
@@ -198,6 +201,7 @@ def _warn_worker(rank, init_file, out):
         msgs = D.warn_uneven_eval_views(SimpleNamespace(n_val_views=3, n_test_views=120), lambda m: None)
         torch.save(msgs, os.path.join(out, f"w{rank}.pt"))
     finally:
+        torch.distributed.barrier()  # both ranks done with every collective before teardown (gloo aborts otherwise)
         torch.distributed.destroy_process_group()
 
 
