@@ -203,11 +203,9 @@ def test_disparity_reference_reduction_is_mean_times_the_reference_factor():
 def _processor(**kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # the PIL backend explicitly: after threestudio is imported in-process, the test-only torchvision stand-in
-        # (tests/harness/stubs) would make DPTImageProcessor pick its torchvision backend
-        from transformers import DPTImageProcessorPil
+        from transformers import DPTImageProcessor
 
-        return DPTImageProcessorPil(**kw)
+        return DPTImageProcessor(**kw)
 
 
 def _reference_pixels(proc, img01):

@@ -78,6 +78,12 @@ def import_threestudio():
     if root is None:
         raise RuntimeError("THREESTUDIO_ROOT is not set to a threestudio work tree")
     if STUBS not in sys.path:
+        # transformers caches whether torchvision is importable (lru_cache): settle it before the stand-in is on
+        # sys.path, so its image processors (DPT, CLIP) keep their PIL backend in this process whatever the
+        # test order -- the stand-in has no real ops
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
         sys.path.insert(0, STUBS)
     if root not in sys.path:
         sys.path.insert(0, root)

@@ -73,10 +73,9 @@ SD21_TEXT_CONFIG = dict(
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _write(path: str, result: Dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from scoredistill.atomic_io import atomic_write_json
+
+    atomic_write_json(path, result, indent=1, sort_keys=False, default=str)
 
 
 def build_sd21_arch_pipeline(folder: str, device: str = "cpu", seed: int = 0) -> str:

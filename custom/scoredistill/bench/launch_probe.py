@@ -22,7 +22,6 @@ config -- its ``trainer.max_steps`` and every schedule over it -- is left as the
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import runpy
@@ -73,10 +72,9 @@ def make_probe_callback(out_path: str, stop_after: int):
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
                 "peak_rss_bytes": _vm_hwm_bytes(),
             }
-            tmp = out_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(rec, f)
-            os.replace(tmp, out_path)
+            from scoredistill.atomic_io import atomic_write_json
+
+            atomic_write_json(out_path, rec, indent=None, sort_keys=False)
 
     return StepProbe()
 

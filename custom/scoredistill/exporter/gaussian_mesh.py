@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scoredistill.atomic_io import atomic_write_bytes as _atomic_write_bytes
 from scoredistill.geometry.gaussians import SH_C0, sh_degree_from_bases
 
 COLOR_MODES = ("dc", "normal_sh")
@@ -620,21 +620,6 @@ def gaussians_to_mesh(params: Dict[str, Tensor], settings: Optional[MeshSettings
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _atomic_write_bytes(path: str, data: bytes) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def mesh_file_bytes(result: MeshResult, name: str = "model", formats: Sequence[str] = ("obj", "glb")) -> Dict[str, bytes]:
     """File name -> contents: ``name.obj`` + ``name.mtl`` + ``name.png`` (obj), ``name.glb``, ``name.ply`` (vertex colours)."""
     import io

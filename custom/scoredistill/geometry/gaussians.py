@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -205,78 +204,9 @@ def params_to_ply_array(params: Dict[str, Tensor]) -> np.ndarray:
     return arr
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _temp_prefix(path: str) -> str:
-    return f".tmp-{os.path.basename(path)}."
-
-
-def remove_stale_temp_files(path: str) -> list:
-    """Remove temporary files of :func:`write_ply_atomic` for ``path`` left by a killed writer.
-
-    A write killed by ``SIGKILL`` (or a power cut) cannot clean up after itself; its temporary file is
-    named ``.tmp-<name>.<pid>.<random>`` next to ``path``, so the next write of the same file removes every
-    such file whose process no longer exists.  Returns the removed paths.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = _temp_prefix(path)
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        pid_part = name[len(prefix):].split(".", 1)[0]
-        if not pid_part.isdigit() or _pid_alive(int(pid_part)):
-            continue
-        try:
-            os.remove(os.path.join(folder, name))
-            removed.append(os.path.join(folder, name))
-        except OSError:
-            pass
-    return removed
-
-
-def write_ply_atomic(path: str, write_fn) -> str:
-    """Write through ``write_fn(tmp_path)`` to a temporary file next to ``path``, then rename it.
-
-    The temporary file is removed when ``write_fn`` fails (any exception, ``KeyboardInterrupt`` included);
-    temporaries left by writers that were killed outright are removed by the next write of ``path``
-    (:func:`remove_stale_temp_files`).  The final file gets the mode a plain ``open(path, "w")`` would
-    give (``0o666`` minus the umask), not ``mkstemp``'s ``0o600``.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+# atomic writes: one mechanism for the pack (scoredistill.atomic_io); the PLY names are kept
+from scoredistill.atomic_io import _umask, remove_stale_temp_files  # noqa: E402,F401
+from scoredistill.atomic_io import atomic_write as write_ply_atomic  # noqa: E402
 
 
 def save_gaussians_ply(path: str, params: Dict[str, Tensor]) -> str:

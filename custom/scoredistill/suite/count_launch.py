@@ -47,15 +47,9 @@ def install() -> bool:
 def _write() -> None:
     path = os.environ.get(COUNT_ENV)
     if path:
-        import json
-        import tempfile
+        from scoredistill.atomic_io import atomic_write_json
 
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".unet_samples.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(COUNTS), f)
-        os.replace(tmp, path)
+        atomic_write_json(path, dict(COUNTS), indent=None, sort_keys=False)
 
 
 def main() -> None:
