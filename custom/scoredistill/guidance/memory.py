@@ -123,12 +123,45 @@ def validate_memory_options(cfg: Any, device: Any, prefix: str = "system.guidanc
         raise ValueError(f"{prefix}.compile_unet_params: unknown keys {bad}; allowed {list(_COMPILE_KEYS)}")
 
 
+def pipeline_component_class(path: str, name: str, default):
+    """The class of pipeline component ``name`` (``"unet"``, ``"vae"``) of a local diffusers folder ``path``.
+
+    diffusers pipelines name each component's ``[library, class]`` in ``model_index.json``; for ``diffusers`` /
+    ``transformers`` components (every Stable Diffusion checkpoint) and hub ids this returns ``default``, so the
+    loading is unchanged.  A folder may name a model class of this pack instead (the ground-truth prior of
+    :mod:`scoredistill.testing.gt_prior3d`), which ``StableDiffusionPipeline.from_pretrained`` also honours.
+
+    Raises:
+        ValueError: the folder names a class outside ``diffusers`` / ``transformers`` / ``scoredistill``.
+    """
+    import importlib
+    import json
+    import os
+
+    index = os.path.join(path, "model_index.json") if os.path.isdir(str(path)) else None
+    if index is None or not os.path.isfile(index):
+        return default
+    with open(index) as fh:
+        entry = json.load(fh).get(name)
+    if not entry or entry[0] in (None, "diffusers", "transformers"):
+        return default
+    library, cls_name = entry
+    if not (library == "scoredistill" or str(library).startswith("scoredistill.")):
+        raise ValueError(f"{index}: component {name!r} names {library}.{cls_name}; the pack loads diffusers models "
+                         "or its own (scoredistill.*) only")
+    return getattr(importlib.import_module(library), cls_name)
+
+
 def load_models(cfg: Any, unet_cls, vae_cls, path: str, device: Any, dtype: torch.dtype, log=None):
     """Load ``(unet, vae)`` from ``path`` in ``dtype`` and apply the memory options; both frozen, eval mode.
 
-    Without offload they are moved to ``device``; with ``enable_sequential_cpu_offload`` they stay on the CPU
-    behind ``accelerate.cpu_offload`` hooks that execute on ``device``.
+    ``unet_cls`` / ``vae_cls`` are the defaults; a local folder's ``model_index.json`` may name other classes
+    (:func:`pipeline_component_class`).  Without offload they are moved to ``device``; with
+    ``enable_sequential_cpu_offload`` they stay on the CPU behind ``accelerate.cpu_offload`` hooks that execute
+    on ``device``.
     """
+    unet_cls = pipeline_component_class(path, "unet", unet_cls)
+    vae_cls = pipeline_component_class(path, "vae", vae_cls)
     unet = unet_cls.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
     vae = vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
     unet.eval().requires_grad_(False)
