@@ -38,6 +38,7 @@ it with their normal code.  Used by the ground-truth 3D benchmark (:mod:`scoredi
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -58,6 +59,8 @@ VIEW_DIRECTIONS = ("side", "front", "back", "overhead")
 SNAP_TOL = 1e-3
 #: largest relative distance of an embedding to the span of the prior's keys
 SPAN_TOL = 1e-3
+#: environment variable naming the file the UNet's call / sample counts are written to at exit
+COUNT_ENV = "SCOREDISTILL_GT_UNET_COUNT_FILE"
 
 
 def view_direction(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, front_threshold: float = 45.0,
@@ -177,9 +180,16 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
         self.register_buffer("prompt_keys", torch.zeros(Q, L))
         self.register_buffer("prompt_key_dual", torch.zeros(Q, L))
         self.register_buffer("alphas_cumprod", sd_alphas_cumprod(num_train_timesteps).float())
-        #: forward calls / samples evaluated (cost accounting)
+        #: forward calls / samples evaluated (cost accounting); written at exit to ``$SCOREDISTILL_GT_UNET_COUNT_FILE``
         self.num_calls = 0
         self.num_samples = 0
+        if os.environ.get(COUNT_ENV):
+            atexit.register(self._write_counts, os.environ[COUNT_ENV])
+
+    def _write_counts(self, path: str) -> None:
+        from scoredistill.atomic_io import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"unet_calls": self.num_calls, "unet_samples": self.num_samples}))
 
     # ------------------------------------------------------------------ conditioning
     def selection(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,395 @@
+"""Ground-truth 3D benchmark: every method distils a known scene through threestudio's ``launch.py`` and is scored
+against the scene's true renders.
+
+The "diffusion model" is the exact ground-truth prior of :mod:`scoredistill.testing.gt_prior3d`: its data are the
+renders of the scenes of :mod:`scoredistill.bench.gt_scenes` from training cameras drawn by threestudio's own
+``RandomCameraIterableDataset``, encoded by a near-invertible linear VAE, smoothed by a component std ``s``; the
+prompt (through threestudio's prompt processor, view-dependent suffixes included) selects the scene and the
+azimuth range of its renders, the empty / negative prompt the marginal over all scenes.  The folder is passed as
+``pretrained_model_name_or_path`` to the configs' guidances and prompt processors: threestudio's unmodified
+``launch.py`` runs the pack's configs (and threestudio's ``stable-diffusion-guidance`` in ``gs-sds``) on it with the
+same code path as with Stable Diffusion.
+
+Camera setting (``--cameras``).  ``eval`` (default): the configs' elevation range ([-10, 45]) and full azimuth, at
+the configs' evaluation distance 2.0 and fovy 70 and without threestudio's camera / centre / up perturbations, for
+the prior's renders and the runs alike.  ``configs``: the configs' full ranges (distance [1.5, 2], fovy [40, 70],
+threestudio's perturbations).  Why the default: a finite mixture of renders covers the camera space only as
+densely as its components, and score distillation can reconstruct at most what the posterior mean shows.
+Measured (cube, 32², PSNR of the t = 20 posterior mean against the true render at fresh training cameras): with
+threestudio's perturbations 15.0 dB (120 components) / 16.9 dB (480); without them, configs' distance / fovy
+ranges 19.9 / 23.4 dB (120 / 480; 25.4 dB at 1500); ``eval`` 29.4 / 31.7 dB (120 / 480; 32.9 at 1500).  Five
+nuisance dimensions (distance, fovy, three perturbations) are more than a few hundred renders can cover.
+
+Learning rates (``--lr-scale``, default 5 on the Gaussian rows): the configs' learning rates are set for 2500-5000
+steps; the benchmark's budget is a few hundred.  Measured: a photometric MSE fit of the cube at the configs' lrs
+reaches 20.7 dB in 200 steps, ×5 30.2 dB, ×20 32.1 dB.  Every geometry lr (position lr_init / lr_final, scales,
+quats, opacities, SH) is multiplied; NeRF rows keep their configs' lrs.
+
+Metrics, on threestudio's test cameras (``RandomCameraDataset`` "test": evenly spaced azimuths at the eval
+elevation 15°, distance and fovy; none of them is a training render of the prior) from the images launch.py
+writes: PSNR and SSIM (torchmetrics), foreground-mask IoU (opacity > 0.5), saturation (mean chroma and mean
+intensity of the foreground, render / ground truth), Janus score on ``janus`` (share of back views closer to
+the ground-truth front than to the ground-truth back), for Gaussians the Chamfer distance between the opaque
+(> 0.5) Gaussian centres and the true surface; PSNR on the validation views against step and against UNet
+samples (exact counts); wall time.
+
+Command (``--quick``: scene ``cube``, seed 0, the Gaussian rows)::
+
+    python -m scoredistill.bench.gt3d_bench --out benchmarks/results/gt3d [--quick] [--rows ...] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import gt_scenes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+HARNESS = os.path.join(REPO, "tests", "harness")
+CONFIGS = os.path.join(REPO, "configs")
+SCENE_DIR = os.path.join(REPO, "load", "gt_scenes")
+
+#: the benchmark's render / latent size (the VAE factor 16 maps the guidances' 512² to 32² latents)
+RENDER_SIZE = 32
+#: threestudio's data settings of the configs (elevation, eval camera) and the two camera settings
+DATA_CONFIGS = dict(elevation_range=[-10, 45], camera_distance_range=[1.5, 2.0], fovy_range=[40, 70],
+                    eval_camera_distance=2.0, eval_fovy_deg=70.0, eval_elevation_deg=15.0)
+CAMERA_SETTINGS = {
+    "eval": dict(camera_distance_range=[2.0, 2.0], fovy_range=[70, 70], camera_perturb=0.0, center_perturb=0.0,
+                 up_perturb=0.0),
+    "configs": dict(camera_distance_range=[1.5, 2.0], fovy_range=[40, 70], camera_perturb=0.1, center_perturb=0.2,
+                    up_perturb=0.02),
+}
+GS_PARAMS = ("means", "scales", "quats", "opacities", "sh0", "shN")
+
+
+@dataclass
+class Row:
+    """A benchmark row: a config and its overrides; ``kind`` is ``gs``, ``nerf`` or ``edit``."""
+
+    name: str
+    config: str
+    kind: str = "gs"
+    overrides: List[str] = field(default_factory=list)
+    scenes: Sequence[str] = gt_scenes.SCENES
+
+
+ROWS = [
+    Row("gs-sds (CFG 100)", "gs-sds.yaml", overrides=["system.guidance.guidance_scale=100"]),
+    Row("gs-sds (CFG 7.5)", "gs-sds.yaml", overrides=["system.guidance.guidance_scale=7.5"]),
+    Row("ge3d-gs", "ge3d-gs.yaml"),
+    Row("lods-embedding-gs", "lods-embedding-gs.yaml"),
+    Row("vdm-gs", "vdm-gs.yaml"),
+    Row("uds-gs", "uds-gs.yaml"),
+    Row("uds-edit-gs", "uds-edit-gs.yaml", kind="edit", scenes=("cube",)),
+    Row("hifa", "hifa.yaml", kind="nerf", scenes=("cube",)),
+    Row("ge3d-nerf", "ge3d-nerf.yaml", kind="nerf", scenes=("cube",)),
+    Row("vdm-nerf", "vdm-nerf.yaml", kind="nerf", scenes=("cube",)),
+    Row("lods-embedding-nerf", "lods-embedding-nerf.yaml", kind="nerf", scenes=("cube",)),
+    Row("uds-nerf", "uds-nerf.yaml", kind="nerf", scenes=("cube",)),
+]
+ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+# ------------------------------------------------------------------------------------------ threestudio in-process
+def import_threestudio():
+    """threestudio (the repository's ``.threestudio`` or ``$THREESTUDIO_ROOT``) imported in this process; on a
+    machine without CUDA through the test harness' CPU device patch and stand-ins."""
+    sys.path.insert(0, os.path.dirname(HARNESS))
+    from harness import import_threestudio as _imp
+
+    return _imp()
+
+
+def threestudio_root() -> str:
+    sys.path.insert(0, os.path.dirname(HARNESS))
+    from harness import threestudio_root as _root
+
+    root = _root()
+    if root is None:
+        raise RuntimeError("no threestudio work tree: run tests/harness/prepare_threestudio.py ../shared/threestudio "
+                           ".threestudio, or set THREESTUDIO_ROOT")
+    return root
+
+
+def data_config(cameras: str, **extra) -> dict:
+    if cameras not in CAMERA_SETTINGS:
+        raise ValueError(f"--cameras must be one of {sorted(CAMERA_SETTINGS)}, got {cameras!r}")
+    return {**DATA_CONFIGS, **CAMERA_SETTINGS[cameras], **extra}
+
+
+def sample_training_cameras(n: int, cameras: str, seed: int, size: int = RENDER_SIZE) -> Dict[str, torch.Tensor]:
+    """``n`` training cameras from threestudio's ``RandomCameraIterableDataset`` (its own sampling code, the
+    configs' data settings): dict with ``c2w`` ``(n, 4, 4)``, ``fovy`` ``(n,)`` rad, ``elevation``/``azimuth`` deg."""
+    import random
+
+    import_threestudio()
+    from threestudio.data.uncond import RandomCameraDataModuleConfig, RandomCameraIterableDataset
+    from threestudio.utils.config import parse_structured
+
+    cfg = parse_structured(RandomCameraDataModuleConfig, data_config(cameras, batch_size=n, width=size, height=size))
+    state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        b = RandomCameraIterableDataset(cfg).collate(None)
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+    return {k: b[k] for k in ("c2w", "fovy", "elevation", "azimuth")}
+
+
+def eval_cameras(split: str, n_views: int, cameras: str = "eval", size: int = RENDER_SIZE) -> Dict[str, torch.Tensor]:
+    """threestudio's ``RandomCameraDataset`` cameras of ``split`` (``val``/``test``) with ``n_views`` views."""
+    import_threestudio()
+    from threestudio.data.uncond import RandomCameraDataModuleConfig, RandomCameraDataset
+    from threestudio.utils.config import parse_structured
+
+    cfg = parse_structured(RandomCameraDataModuleConfig, data_config(
+        cameras, eval_width=size, eval_height=size, n_val_views=n_views, n_test_views=n_views))
+    ds = RandomCameraDataset(cfg, split)
+    return {"c2w": ds.c2w, "fovy": ds.fovy, "elevation": ds.elevation_deg, "azimuth": ds.azimuth_deg}
+
+
+# ------------------------------------------------------------------------------------------ the prior
+def scene_params(scene: str) -> Dict[str, torch.Tensor]:
+    path = os.path.join(SCENE_DIR, f"{scene}.ply")
+    if not os.path.isfile(path):
+        gt_scenes.write_scene_ply(scene, SCENE_DIR)
+    return gt_scenes.load_scene(path)
+
+
+def build_scene_prior(folder: str, n_views: int = 480, cameras: str = "eval", component_std: float = 0.05,
+                      azimuth_offset_deg: float = 0.0, seed: int = 1234, log=print) -> Dict[str, float]:
+    """Build the prior folder over ``cube``, ``janus``, ``table`` and ``cube_recoloured`` (the edit source) from
+    ``n_views`` training renders each; returns ``{"vae_psnr": dB, "seconds": s}``.  ``azimuth_offset_deg``
+    builds a prior with a wrong camera convention (the negative control: renders labelled with azimuth +
+    offset, e.g. 180 = mirrored)."""
+    from scoredistill.testing import gt_prior3d as gp
+
+    t0 = time.time()
+    vae = gp.GroundTruthVAE()
+    scenes = list(gt_scenes.SCENES) + ["cube_recoloured"]
+    lat, who, ele, azi, psnrs = [], [], [], [], []
+    for i, scene in enumerate(scenes):
+        cams = sample_training_cameras(n_views, cameras, seed + i)
+        rgb, _ = gt_scenes.render_gaussians(scene_params(scene), cams["c2w"], cams["fovy"], RENDER_SIZE)
+        lat.append(gp.encode_renders(vae, rgb))
+        psnrs.append(gp.vae_reconstruction_psnr(vae, rgb))
+        who += [i] * n_views
+        ele += cams["elevation"].tolist()
+        azi += (cams["azimuth"] + azimuth_offset_deg).tolist()
+    gp.build_gt_prior(folder, [gt_scenes.PROMPTS[s] for s in scenes], torch.cat(lat), who, ele, azi,
+                      component_std=component_std)
+    out = {"vae_psnr": sum(psnrs) / len(psnrs), "seconds": time.time() - t0}
+    log(f"prior: {len(scenes)} scenes x {n_views} renders, VAE reconstruction PSNR {out['vae_psnr']:.2f} dB, "
+        f"{out['seconds']:.0f} s")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the runs
+def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, cameras: str, lr_scale: float,
+                     exp_root: str, batch_size: int = 2, num_points: int = 1000, val_every: int = 50,
+                     n_test_views: int = 16) -> List[str]:
+    """launch.py overrides of one run (prior, prompt, cameras, sizes, budget, lrs)."""
+    o = [
+        f"exp_root_dir={exp_root}", f"seed={seed}", "name=run", "tag=t",
+        f"system.guidance.pretrained_model_name_or_path={prior}",
+        f"system.prompt_processor.pretrained_model_name_or_path={prior}",
+        "system.prompt_processor.spawn=false", "system.guidance.half_precision_weights=false",
+        f"system.prompt_processor.prompt={gt_scenes.PROMPTS[scene]}",
+        "trainer.precision=32", f"trainer.max_steps={steps}", f"trainer.val_check_interval={val_every}",
+        "trainer.num_sanity_val_steps=4", "trainer.enable_progress_bar=false",
+        f"checkpoint.every_n_train_steps={steps}",
+        f"data.batch_size={batch_size}",
+        f"data.width={RENDER_SIZE}", f"data.height={RENDER_SIZE}",
+        f"data.eval_width={RENDER_SIZE}", f"data.eval_height={RENDER_SIZE}",
+        "data.n_val_views=4", f"data.n_test_views={n_test_views}",
+    ]
+    dc = data_config(cameras)
+    for k in ("camera_distance_range", "fovy_range", "elevation_range"):
+        o.append(f"data.{k}=[{dc[k][0]},{dc[k][1]}]")
+    for k in ("camera_perturb", "center_perturb", "up_perturb", "eval_camera_distance", "eval_fovy_deg",
+              "eval_elevation_deg"):
+        o.append(f"data.{k}={dc[k]}")
+    if row.kind in ("gs", "edit"):
+        o += ["system.renderer.backend=auto"]
+        if row.kind == "gs":
+            o += ["system.geometry.init=sphere", f"system.geometry.num_points={num_points}",
+                  "system.geometry.upsample_to=0"]
+        else:
+            src = "cube_recoloured"
+            scene_params(src)
+            o += [f"system.source_ply={os.path.join(SCENE_DIR, src + '.ply')}",
+                  f"system.source_prompt={gt_scenes.PROMPTS[src]}"]
+        lrs = {"scales": 0.005, "quats": 0.001, "opacities": 0.05, "sh0": 0.0025, "shN": 0.000125}
+        for k, v in lrs.items():
+            o.append(f"system.optimizer.params.geometry.{k}.lr={v * lr_scale:g}")
+        o += [f"system.position_lr.lr_init={0.001 * lr_scale:g}", f"system.position_lr.lr_final={0.00002 * lr_scale:g}"]
+    else:
+        sys.path.insert(0, os.path.dirname(HARNESS))
+        from harness import nerf_cpu_overrides
+
+        if not torch.cuda.is_available():
+            o += nerf_cpu_overrides(tiny_mlp=True)
+    return o + list(row.overrides)
+
+
+def run_one(row: Row, scene: str, seed: int, prior: str, out: str, steps: int, cameras: str, lr_scale: float,
+            timeout: float = 1800) -> Dict:
+    """Run one (row, scene, seed) through launch.py; returns ``{"trial", "seconds", "unet_samples", "log"}``."""
+    root = threestudio_root()
+    from scoredistill.cli import link
+
+    link(root)
+    exp_root = os.path.join(out, "runs", row.name.replace(" ", "_").replace("(", "").replace(")", ""), scene, f"seed{seed}")
+    os.makedirs(exp_root, exist_ok=True)
+    count_file = os.path.join(exp_root, "unet_count.json")
+    launcher = [sys.executable] + ([] if torch.cuda.is_available() else [os.path.join(HARNESS, "cpu_launch.py")])
+    cmd = launcher + ["launch.py", "--config", os.path.join(CONFIGS, row.config), "--train", "--gpu", "0"]
+    cmd += launch_overrides(row, scene, seed, prior, steps, cameras, lr_scale, exp_root)
+    env = dict(os.environ)
+    paths = [os.path.join(REPO, "custom")] + ([] if torch.cuda.is_available() else [os.path.join(HARNESS, "stubs")])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+                "SCOREDISTILL_GT_UNET_COUNT_FILE": count_file, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.time() - t0
+    with open(os.path.join(exp_root, "launch.log"), "w") as fh:
+        fh.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{row.name} / {scene} / seed {seed}: launch.py exit {proc.returncode}:\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    trial = os.path.join(exp_root, "run", "t")
+    samples = None
+    if os.path.isfile(count_file):
+        with open(count_file) as fh:
+            samples = json.load(fh)["unet_samples"]
+    return {"trial": trial, "seconds": seconds, "unet_samples": samples}
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _read_panels(path: str, size: int = RENDER_SIZE):
+    import imageio.v2 as imageio
+
+    img = torch.from_numpy(imageio.imread(path)).float() / 255.0
+    if img.dim() == 2:
+        img = img[..., None].expand(-1, -1, 3)
+    rgb = img[:size, :size, :3]
+    opacity = img[:size, -size:, 0:1]
+    return rgb, opacity
+
+
+def _step_images(trial: str, pattern: str) -> Dict[int, List[str]]:
+    out: Dict[int, List[str]] = {}
+    for p in glob.glob(os.path.join(trial, "save", pattern)):
+        name = os.path.basename(p) if "test" not in pattern else os.path.basename(os.path.dirname(p))
+        step = int(name.split("-")[0][2:])
+        out.setdefault(step, []).append(p)
+    return {k: sorted(v, key=lambda s: int(os.path.splitext(os.path.basename(s))[0].split("-")[-1])) for k, v in out.items()}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    from torchmetrics.functional import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(a, b, data_range=1.0))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    from torchmetrics.functional import structural_similarity_index_measure
+
+    return float(structural_similarity_index_measure(a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2), data_range=1.0))
+
+
+def _chroma_intensity(rgb: torch.Tensor, mask: torch.Tensor):
+    m = mask[..., 0] > 0.5
+    if not bool(m.any()):
+        return 0.0, 0.0
+    px = rgb[m]
+    return float((px.max(-1).values - px.min(-1).values).mean()), float(px.mean())
+
+
+class GroundTruth:
+    """Ground-truth renders of every scene at threestudio's val / test cameras (cached per process)."""
+
+    def __init__(self, n_test: int = 16, n_val: int = 4, cameras: str = "eval"):
+        self.cams = {"test": eval_cameras("test", n_test, cameras), "val": eval_cameras("val", n_val, cameras)}
+        self.cache = {}
+
+    def get(self, scene: str, split: str):
+        if (scene, split) not in self.cache:
+            c = self.cams[split]
+            self.cache[scene, split] = gt_scenes.render_gaussians(scene_params(scene), c["c2w"], c["fovy"], RENDER_SIZE)
+        return self.cache[scene, split]
+
+
+def score_run(trial: str, scene: str, kind: str, gt: GroundTruth) -> Dict:
+    """Metrics of one finished run (module docstring)."""
+    tests = _step_images(trial, "it*-test/*.png")
+    if not tests:
+        raise RuntimeError(f"{trial}: no test images")
+    final = max(tests)
+    rgb, op = zip(*[_read_panels(p) for p in tests[final]])
+    rgb, op = torch.stack(rgb), torch.stack(op)
+    g_rgb, g_a = gt.get(scene, "test")
+    n = min(len(rgb), len(g_rgb))
+    rgb, op, g_rgb, g_a = rgb[:n], op[:n], g_rgb[:n], g_a[:n]
+    inter = ((op > 0.5) & (g_a > 0.5)).sum().item()
+    union = ((op > 0.5) | (g_a > 0.5)).sum().item()
+    ch_r, in_r = _chroma_intensity(rgb, op)
+    ch_g, in_g = _chroma_intensity(g_rgb, g_a)
+    m = {"psnr": psnr(rgb, g_rgb), "ssim": ssim(rgb, g_rgb), "iou": inter / max(union, 1),
+         "chroma_ratio": ch_r / max(ch_g, 1e-6), "intensity_ratio": in_r / max(in_g, 1e-6), "final_step": final}
+    if scene == "janus":
+        az = gt.cams["test"]["azimuth"][:n]
+        wrapped = (az + 180.0) % 360.0 - 180.0
+        back = [i for i in range(n) if abs(wrapped[i]) > 135.0]
+        hits = 0
+        for i in back:
+            j = int(torch.argmin((((az - (az[i] + 180.0)) + 180.0) % 360.0 - 180.0).abs()))
+            d_front = ((rgb[i] - g_rgb[j]) ** 2).mean()
+            d_back = ((rgb[i] - g_rgb[i]) ** 2).mean()
+            hits += int(d_front < d_back)
+        m["janus"] = hits / max(len(back), 1)
+    vals = _step_images(trial, "it*-[0-9]*.png")
+    g_val, _ = gt.get(scene, "val")
+    curve = []
+    for step in sorted(vals):
+        imgs = torch.stack([_read_panels(p)[0] for p in vals[step][: len(g_val)]])
+        curve.append((step, psnr(imgs, g_val[: len(imgs)])))
+    m["curve"] = curve
+    m["initial_psnr"] = curve[0][1] if curve and curve[0][0] == 0 else float("nan")
+    if kind in ("gs", "edit"):
+        m["chamfer"] = chamfer_from_checkpoint(trial, scene)
+    return m
+
+
+def chamfer_from_checkpoint(trial: str, scene: str) -> float:
+    """Symmetric mean nearest-neighbour distance between opaque (> 0.5) Gaussian centres of the last checkpoint and
+    the scene's true surface (world units)."""
+    ckpts = sorted(glob.glob(os.path.join(trial, "ckpts", "*.ckpt")), key=os.path.getmtime)
+    if not ckpts:
+        return float("nan")
+    sd = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"]
+    means = next(v for k, v in sd.items() if k.endswith("geometry.means") or k.endswith("geometry.params.means"))
+    opac = next(v for k, v in sd.items() if k.endswith("geometry.opacities") or k.endswith("geometry.params.opacities"))
+    pts = means[torch.sigmoid(opac.reshape(-1)) > 0.5].float()
+    surf, _ = gt_scenes.surface_points(scene, 4000, seed=7)
+    if len(pts) == 0:
+        return float("nan")
+    d = torch.cdist(pts, surf)
+    return float(0.5 * (d.min(1).values.mean() + d.min(0).values.mean()))
