@@ -206,13 +206,13 @@ def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, ca
                      n_test_views: int = 16) -> List[str]:
     """launch.py overrides of one run (prior, prompt, cameras, sizes, budget, lrs)."""
     o = [
-        f"exp_root_dir={exp_root}", f"seed={seed}", "name=run", "tag=t",
+        f"exp_root_dir={exp_root}", f"seed={seed}", "name=run", "tag=t", "use_timestamp=false",
         f"system.guidance.pretrained_model_name_or_path={prior}",
         f"system.prompt_processor.pretrained_model_name_or_path={prior}",
         "system.prompt_processor.spawn=false", "system.guidance.half_precision_weights=false",
         f"system.prompt_processor.prompt={gt_scenes.PROMPTS[scene]}",
         "trainer.precision=32", f"trainer.max_steps={steps}", f"trainer.val_check_interval={val_every}",
-        "trainer.num_sanity_val_steps=4", "trainer.enable_progress_bar=false",
+        "trainer.num_sanity_val_steps=4",
         f"checkpoint.every_n_train_steps={steps}",
         f"data.batch_size={batch_size}",
         f"data.width={RENDER_SIZE}", f"data.height={RENDER_SIZE}",
@@ -226,7 +226,7 @@ def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, ca
               "eval_elevation_deg"):
         o.append(f"data.{k}={dc[k]}")
     if row.kind in ("gs", "edit"):
-        o += ["system.renderer.backend=auto"]
+        o += ["system.renderer.backend=auto", "system.background.random_aug=false"]
         if row.kind == "gs":
             o += ["system.geometry.init=sphere", f"system.geometry.num_points={num_points}",
                   "system.geometry.upsample_to=0"]
@@ -235,9 +235,9 @@ def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, ca
             scene_params(src)
             o += [f"system.source_ply={os.path.join(SCENE_DIR, src + '.ply')}",
                   f"system.source_prompt={gt_scenes.PROMPTS[src]}"]
-        lrs = {"scales": 0.005, "quats": 0.001, "opacities": 0.05, "sh0": 0.0025, "shN": 0.000125}
-        for k, v in lrs.items():
-            o.append(f"system.optimizer.params.geometry.{k}.lr={v * lr_scale:g}")
+        lrs = {"means": 0.001, "scales": 0.005, "quats": 0.001, "opacities": 0.05, "sh0": 0.0025, "shN": 0.000125}
+        groups = ", ".join(f"geometry.{k}: {{lr: {v * lr_scale:g}}}" for k, v in lrs.items())
+        o.append(f"system.optimizer.params={{{groups}}}")  # group names hold dots: one dict override
         o += [f"system.position_lr.lr_init={0.001 * lr_scale:g}", f"system.position_lr.lr_final={0.00002 * lr_scale:g}"]
     else:
         sys.path.insert(0, os.path.dirname(HARNESS))
