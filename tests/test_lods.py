@@ -32,12 +32,12 @@ def _eps_fn(prior):
     return lambda x, t, emb: prior(x, t, emb).sample
 
 
-def _setup(B=2, seed=0, soft=1.0):
+def _setup(B=2, seed=0):
     prior = _prior(seed)
     g = torch.Generator().manual_seed(seed + 10)
     latents = torch.randn(B, 4, 4, 4, generator=g, dtype=torch.float64)
     cond = prior.embedding(0, B)
-    uncond = prior.embedding(None, B) * soft
+    uncond = prior.embedding(None, B)
     return prior, latents, cond, uncond, g
 
 
@@ -101,7 +101,7 @@ def test_without_the_alpha_update_the_gradient_is_normalised_sds(s):
 
 # ------------------------------------------------------------------ (b) the update of α
 def test_alpha_changes_only_through_eq8_and_gets_no_gradient_from_the_3d_loss():
-    prior, latents0, cond, uncond, g = _setup(soft=0.1)
+    prior, latents0, cond, uncond, g = _setup()
     theta = torch.nn.Parameter(latents0.clone())  # the "3D model": latents = θ
     learner = LODSLearner(_eps_fn(prior), "embedding", prior.alphas_cumprod, S, lr=1e-3)
     learner.initialise_alpha(uncond)
@@ -130,13 +130,16 @@ def test_alpha_changes_only_through_eq8_and_gets_no_gradient_from_the_3d_loss():
 
 
 def test_alpha_update_lowers_its_own_loss_on_the_exact_score_prior():
-    """The rendered latents are samples of prompt 0; α starts at a (soft) null embedding, i.e. the
-    marginal over both prompts.  Eq. 8 steps must lower Eq. 8 on a fixed evaluation set of (t', ε')."""
+    """The rendered latents are samples of prompt 0; α starts at the null embedding, i.e. the marginal over both
+    prompts.  Eq. 8 steps must lower Eq. 8 on a fixed evaluation set of (t', ε') and move α's selection weight
+    from the marginal towards prompt 0, not prompt 1.  (The prior selects linearly, ε(α) = Σ_j α_j ε*_j, and the
+    slots' ε* differ only at small t', so Eq. 8 is ill-conditioned in α: with random t' it takes ~100s of AdamW
+    steps at lr 0.1 to close part of the gap, hence the step count and the partial-gap threshold.)"""
     prior = _prior(3)
     g = torch.Generator().manual_seed(5)
     latents = prior.sample_data(0, 4, generator=g)
-    uncond = prior.embedding(None, 4) * 0.1
-    learner = LODSLearner(_eps_fn(prior), "embedding", prior.alphas_cumprod, S, lr=5e-2)
+    uncond = prior.embedding(None, 4)
+    learner = LODSLearner(_eps_fn(prior), "embedding", prior.alphas_cumprod, S, lr=0.1)
     learner.initialise_alpha(uncond)
     t_eval = torch.linspace(20, 980, 16).long().repeat_interleave(4)
     n_eval = torch.randn(64, 4, 4, 4, generator=g, dtype=torch.float64)
@@ -147,18 +150,20 @@ def test_alpha_update_lowers_its_own_loss_on_the_exact_score_prior():
             return float(learner.aux_loss(z_eval, uncond.repeat(16, 1, 1), t=t_eval, noise=n_eval))
 
     before = eval_loss()
-    losses = [learner.update(latents, uncond, generator=g) for _ in range(20)]
+    losses = [learner.update(latents, uncond, generator=g) for _ in range(200)]
     after = eval_loss()
-    # the best any α can do here: the embedding of the prompt the latents came from
+    # a natural target: the embedding of the prompt the latents came from
     with torch.no_grad():
         best = float(denoising_loss(prior(add_noise(z_eval, n_eval, prior.alphas_cumprod, t_eval), t_eval, prior.embedding(0, 64)).sample, n_eval))
     assert best < before
-    assert before - after > 0.9 * (before - best), (before, after, best)
-    assert learner.aux_steps == 20 and all(math.isfinite(v) for v in losses)
+    assert before - after > 0.25 * (before - best), (before, after, best)
+    w = learner.alpha.detach()[0, :3]  # (prompt 0, prompt 1, marginal)
+    assert w[0] > 0.2 and w[1].abs() < 0.1 and w[2] < 0.9, w
+    assert learner.aux_steps == 200 and all(math.isfinite(v) for v in losses)
 
 
 def test_merged_forward_uses_the_theta_step_noise_for_eq8():
-    prior, latents, cond, uncond, g = _setup(soft=0.1)
+    prior, latents, cond, uncond, g = _setup()
     learner = LODSLearner(_eps_fn(prior), "embedding", prior.alphas_cumprod, S, lr=1e-3, merged_forward=True)
     learner.initialise_alpha(uncond)
     alpha0 = learner.alpha.detach().clone()
@@ -191,7 +196,7 @@ def _roundtrip(state):
 
 
 def test_resume_restores_alpha_and_optimizer_exactly():
-    prior, latents, cond, uncond, g = _setup(soft=0.1)
+    prior, latents, cond, uncond, g = _setup()
     kw = dict(lr=1e-2)
     a = LODSLearner(_eps_fn(prior), "embedding", prior.alphas_cumprod, S, **kw)
     for i in range(3):

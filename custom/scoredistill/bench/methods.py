@@ -128,10 +128,15 @@ class UDS(Method):
 
 # ----------------------------------------------------------------------------- GE3D
 class GE3D(Method):
-    """GE3D (:func:`scoredistill.guidance.ge3d.ge3d_grad`, Alg. 1, Eq. 9-11), as ``ge3d-guidance`` runs it: the
-    reference's random trajectory (``n`` intervals from ``[jump_min, jump_max)``, farthest node ``t_n``, all
-    annealed over ``ctx.total_steps``) or fixed ``timesteps``; DBC weights over ``ctx.total_steps``; CFG
-    ``guidance_scale`` (7.5).  Cost: ``n`` unconditional calls of ``B`` + ``n`` CFG calls of ``2B``."""
+    """GE3D (:func:`scoredistill.guidance.ge3d.ge3d_grad`, Alg. 1, Eq. 9-11) with ``ge3d-guidance``'s trajectory
+    code (:func:`~scoredistill.guidance.ge3d.random_trajectory` after
+    :func:`~scoredistill.guidance.ge3d.annealed_trajectory_params`): a random trajectory redrawn every step, ``n``
+    intervals i.i.d. uniform on the integers ``[jump_min, jump_max)`` back from the farthest node ``t_n``, each
+    bound linearly annealed over ``ctx.total_steps`` -- by default the authors' reference-code schedule
+    (``jump_min`` 60→30, ``jump_max`` 80→50, ``t_n`` 480→300; ``ge3d-guidance``'s own defaults are the paper's
+    constant 60 / 80 / 480) -- or fixed ``timesteps``; the clean latents are ``x_{t_0}`` (Alg. 1, no added
+    noise); DBC weights over ``ctx.total_steps``; CFG ``guidance_scale`` (7.5) on the denoising calls.
+    Cost: ``n`` unconditional calls of ``B`` + ``n`` CFG calls of ``2B``."""
 
     name = "ge3d"
 
