@@ -173,8 +173,9 @@ def scene_params(scene: str) -> Dict[str, torch.Tensor]:
 
 
 def build_scene_prior(folder: str, n_views: int = 480, cameras: str = "eval", component_std: float = 0.05,
-                      azimuth_offset_deg: float = 0.0, seed: int = 1234, log=print) -> Dict[str, float]:
-    """Build the prior folder over ``cube``, ``janus``, ``table`` and ``cube_recoloured`` (the edit source) from
+                      azimuth_offset_deg: float = 0.0, seed: int = 1234, log=print,
+                      scenes: Sequence[str] = gt_scenes.SCENES + ("cube_recoloured",)) -> Dict[str, float]:
+    """Build the prior folder over ``scenes`` (default ``cube``, ``janus``, ``table``, ``cube_recoloured``: the edit source) from
     ``n_views`` training renders each; returns ``{"vae_psnr": dB, "seconds": s}``.  ``azimuth_offset_deg``
     builds a prior with a wrong camera convention (the negative control: renders labelled with azimuth +
     offset, e.g. 180 = mirrored)."""
@@ -182,7 +183,7 @@ def build_scene_prior(folder: str, n_views: int = 480, cameras: str = "eval", co
 
     t0 = time.time()
     vae = gp.GroundTruthVAE()
-    scenes = list(gt_scenes.SCENES) + ["cube_recoloured"]
+    scenes = list(scenes)
     lat, who, ele, azi, psnrs = [], [], [], [], []
     for i, scene in enumerate(scenes):
         cams = sample_training_cameras(n_views, cameras, seed + i)
@@ -203,7 +204,7 @@ def build_scene_prior(folder: str, n_views: int = 480, cameras: str = "eval", co
 # ------------------------------------------------------------------------------------------ the runs
 def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, cameras: str, lr_scale: float,
                      exp_root: str, batch_size: int = 2, num_points: int = 1000, val_every: int = 50,
-                     n_test_views: int = 16) -> List[str]:
+                     n_test_views: int = 17) -> List[str]:
     """launch.py overrides of one run (prior, prompt, cameras, sizes, budget, lrs)."""
     o = [
         f"exp_root_dir={exp_root}", f"seed={seed}", "name=run", "tag=t", "use_timestamp=false",
@@ -245,6 +246,17 @@ def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, ca
 
         if not torch.cuda.is_available():
             o += nerf_cpu_overrides(tiny_mlp=True)
+        if row.config == "hifa.yaml":
+            # no DPT weights here: a tiny random DPT keeps the code path, its (meaningless) disparity term is off
+            from harness import tiny_dpt_path
+
+            o += [f"system.disparity_model_name_or_path={tiny_dpt_path()}", "system.loss.lambda_disparity=0"]
+            if not torch.cuda.is_available():
+                o += ["system.material.dir_encoding_config.otype=ProgressiveBandFrequency",
+                      "system.material.dir_encoding_config.n_frequencies=2",
+                      "system.material.mlp_network_config.otype=VanillaMLP",
+                      "system.material.mlp_network_config.n_hidden_layers=1",
+                      "system.material.mlp_network_config.n_neurons=16"]
     return o + list(row.overrides)
 
 
@@ -393,3 +405,216 @@ def chamfer_from_checkpoint(trial: str, scene: str) -> float:
         return float("nan")
     d = torch.cdist(pts, surf)
     return float(0.5 * (d.min(1).values.mean() + d.min(0).values.mean()))
+
+
+# ------------------------------------------------------------------------------------------ the table
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def _mean_std(vals: List[float]) -> str:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    t = torch.tensor(vals, dtype=torch.float64)
+    sd = float(t.std()) if len(vals) > 1 else 0.0
+    return f"{float(t.mean()):.2f} ± {sd:.2f}"
+
+
+def summarise(results: List[Dict]) -> List[Dict]:
+    """One line per row: per-scene PSNR / SSIM / IoU / saturation means ± std over seeds, Janus, Chamfer, cost."""
+    lines = []
+    for row in ROWS:
+        rs = [r for r in results if r["row"] == row.name and "error" not in r]
+        errs = [r for r in results if r["row"] == row.name and "error" in r]
+        if not rs and not errs:
+            continue
+        line = {"row": row.name, "config": row.config, "runs": len(rs), "failed": len(errs)}
+        for scene in ("cube", "janus", "table"):
+            sr = [r for r in rs if r["scene"] == scene]
+            if sr:
+                line[f"{scene}_psnr"] = _mean_std([r["psnr"] for r in sr])
+                line[f"{scene}_initial_psnr"] = _mean_std([r["initial_psnr"] for r in sr])
+        cube = [r for r in rs if r["scene"] == "cube"]
+        line["cube_ssim"] = _mean_std([r["ssim"] for r in cube])
+        line["iou"] = _mean_std([r["iou"] for r in rs])
+        line["chroma"] = _mean_std([r["chroma_ratio"] for r in rs])
+        line["intensity"] = _mean_std([r["intensity_ratio"] for r in rs])
+        line["janus"] = _mean_std([r["janus"] for r in rs if r["scene"] == "janus"])
+        line["chamfer_table"] = _mean_std([r.get("chamfer") for r in rs if r["scene"] == "table"])
+        line["chamfer_cube"] = _mean_std([r.get("chamfer") for r in rs if r["scene"] == "cube"])
+        line["unet_samples_per_step"] = _mean_std([r["unet_samples"] / r["steps"] for r in rs if r.get("unet_samples")])
+        line["seconds"] = _mean_std([r["seconds"] for r in rs])
+        lines.append(line)
+    return lines
+
+
+MD_COLUMNS = [("row", "method (config)"), ("cube_psnr", "cube PSNR ↑"), ("cube_initial_psnr", "cube initial"),
+              ("cube_ssim", "cube SSIM ↑"), ("janus_psnr", "two-faced PSNR ↑"), ("janus", "Janus score ↓"),
+              ("table_psnr", "table PSNR ↑"), ("chamfer_table", "table Chamfer ↓"), ("iou", "mask IoU ↑"),
+              ("chroma", "chroma ratio (→1)"), ("intensity", "intensity ratio (→1)"),
+              ("unet_samples_per_step", "UNet samples / step"), ("seconds", "wall s / run")]
+
+
+def write_tables(out: str, results: List[Dict], meta: Dict) -> str:
+    from scoredistill.atomic_io import atomic_write_json, atomic_write_text
+
+    lines = summarise(results)
+    keys = sorted({k for r in results for k in r if k != "curve"})
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in results:
+        w.writerow({k: r.get(k) for k in keys})
+    atomic_write_text(os.path.join(out, "gt3d_runs.csv"), buf.getvalue())
+    md = ["| " + " | ".join(h for _, h in MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
+    for line in lines:
+        cells = [f"{line['row']} (`{line['config']}`)" if k == "row" else str(line.get(k, "–")) for k, _ in MD_COLUMNS]
+        if line["failed"]:
+            cells[0] += f" ({line['failed']} run(s) failed)"
+        md.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(md) + "\n"
+    atomic_write_text(os.path.join(out, "gt3d.md"), text)
+    atomic_write_json(os.path.join(out, "gt3d_meta.json"), meta, indent=2)
+    atomic_write_json(os.path.join(out, "gt3d_results.json"), results, indent=1)
+    return text
+
+
+def write_pictures(out: str, results: List[Dict], gt: GroundTruth, views=(0, 4, 8, 12)) -> None:
+    """``gt3d_grid.png`` (ground truth and each row's seed-0 result from 4 test views, per scene) and
+    ``gt3d_curves.png`` (validation PSNR against step and against UNet samples, mean over seeds, cube)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenes = [s for s in gt_scenes.SCENES if any(r["scene"] == s for r in results)]
+    rows = [r.name for r in ROWS if any(x["row"] == r.name and "error" not in x for x in results)]
+    fig, axes = plt.subplots(len(rows) + 1, len(scenes), figsize=(2.6 * len(scenes), 0.75 * (len(rows) + 1) + 0.3),
+                             squeeze=False)
+    for j, scene in enumerate(scenes):
+        g, _ = gt.get(scene, "test")
+        strip = torch.cat([g[v] for v in views], 1)
+        axes[0][j].imshow(strip.numpy())
+        axes[0][j].set_title(scene, fontsize=8)
+        for i, name in enumerate(rows):
+            rs = [r for r in results if r["row"] == name and r["scene"] == scene and "error" not in r]
+            ax = axes[i + 1][j]
+            if rs:
+                rs.sort(key=lambda r: r["seed"])
+                tests = _step_images(rs[0]["trial"], "it*-test/*.png")
+                imgs = tests[max(tests)]
+                ax.imshow(torch.cat([_read_panels(imgs[v])[0] for v in views if v < len(imgs)], 1).numpy())
+    for i, name in enumerate(["ground truth"] + rows):
+        axes[i][0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(os.path.join(out, "gt3d_grid.png"), dpi=130)
+    plt.close(fig)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in rows:
+        rs = [r for r in results if r["row"] == name and r["scene"] == "cube" and "error" not in r and r["curve"]]
+        if not rs:
+            continue
+        steps = [s for s, _ in rs[0]["curve"]]
+        mean = [sum(r["curve"][k][1] for r in rs if len(r["curve"]) > k) / len(rs) for k in range(len(steps))]
+        a1.plot(steps, mean, label=name)
+        per = rs[0].get("unet_samples") and rs[0]["unet_samples"] / rs[0]["steps"]
+        if per:
+            a2.plot([s * per for s in steps], mean, label=name)
+    a1.set_xlabel("step")
+    a2.set_xlabel("UNet samples")
+    a2.set_xscale("symlog")
+    for a in (a1, a2):
+        a.set_ylabel("PSNR on validation views (cube), dB")
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gt3d_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/gt3d")
+    ap.add_argument("--quick", action="store_true", help="scene cube, seed 0, the Gaussian rows")
+    ap.add_argument("--rows", nargs="*", default=None, help=f"row names (default all): {[r.name for r in ROWS]}")
+    ap.add_argument("--scenes", nargs="*", default=None)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--nerf-steps", type=int, default=80)
+    ap.add_argument("--lr-scale", type=float, default=10.0)
+    ap.add_argument("--views", type=int, default=480, help="prior components (training renders) per scene")
+    ap.add_argument("--component-std", type=float, default=0.05)
+    ap.add_argument("--cameras", choices=sorted(CAMERA_SETTINGS), default="eval")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true", help="re-score the runs already under --out")
+    args = ap.parse_args(argv)
+    for name in ("steps", "nerf_steps", "views", "workers"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"gt3d_bench: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr_scale <= 0 or args.component_std <= 0:
+        raise SystemExit("gt3d_bench: --lr-scale and --component-std must be > 0")
+    rows = ROWS if args.rows is None else [ROW_BY_NAME[n] for n in args.rows]
+    if args.quick:
+        rows = [r for r in rows if r.kind == "gs"] if args.rows is None else rows
+        args.seeds, args.scenes = [0], ["cube"]
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    prior = os.path.join(args.out, "prior")
+    meta = {"steps": args.steps, "nerf_steps": args.nerf_steps, "lr_scale": args.lr_scale, "views": args.views,
+            "component_std": args.component_std, "cameras": args.cameras, "seeds": args.seeds,
+            "torch_threads": os.environ.get("OMP_NUM_THREADS", "1"), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available()}
+    if not args.report_only:
+        meta["prior"] = build_scene_prior(prior, args.views, args.cameras, args.component_std)
+    jobs = [(row, scene, seed) for row in rows for scene in row.scenes
+            if args.scenes is None or scene in args.scenes for seed in args.seeds]
+
+    def work(job):
+        row, scene, seed = job
+        steps = args.nerf_steps if row.kind == "nerf" else args.steps
+        rec = {"row": row.name, "scene": scene, "seed": seed, "steps": steps, "kind": row.kind}
+        exp_root = os.path.join(args.out, "runs", _slug(row.name), scene, f"seed{seed}")
+        try:
+            if args.report_only:
+                info = {"trial": os.path.join(exp_root, "run", "t"), "seconds": float("nan"), "unet_samples": None}
+                cf = os.path.join(exp_root, "unet_count.json")
+                if os.path.isfile(cf):
+                    info["unet_samples"] = json.load(open(cf))["unet_samples"]
+            else:
+                info = run_one(row, scene, seed, prior, args.out, steps, args.cameras,
+                               args.lr_scale if row.kind != "nerf" else 1.0)
+            rec.update(info)
+        except Exception as exc:  # reported in the table, never hidden
+            rec["error"] = str(exc)[-2000:]
+        print(f"[{time.time() - t0:6.0f} s] {row.name} / {scene} / seed {seed}: "
+              f"{'FAILED ' + rec['error'][-300:] if 'error' in rec else 'done in %.0f s' % rec['seconds']}", flush=True)
+        return rec
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        recs = list(pool.map(work, jobs))
+    gt = GroundTruth(n_test=17)
+    for rec in recs:
+        if "error" in rec:
+            continue
+        try:
+            rec.update(score_run(rec["trial"], rec["scene"], rec["kind"], gt))
+        except Exception as exc:
+            rec["error"] = f"scoring: {exc}"
+    meta["total_seconds"] = time.time() - t0
+    text = write_tables(args.out, recs, meta)
+    write_pictures(args.out, recs, gt)
+    print(text)
+    print(f"gt3d_bench: {len(recs)} runs, {meta['total_seconds']:.0f} s in all; tables and pictures in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -220,13 +220,21 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
             t = t.expand(B)
         return self.alphas_cumprod.double()[t]
 
+    def _key_means(self, q: int):
+        """float64 means of key ``q``'s components and their squared norms, cached per (buffer version, device)."""
+        tag = (q, self.means.data_ptr(), self.means._version, self.key_sets._version, str(self.means.device))
+        cache = self.__dict__.setdefault("_means_cache", {})
+        if tag not in cache:
+            mu = self.means.double()[self.key_sets[q] > 0.5]
+            cache[tag] = (mu, (mu**2).sum(-1))
+        return cache[tag]
+
     def eps_for_key(self, x: torch.Tensor, abar: torch.Tensor, q: int) -> torch.Tensor:
         """``eps_q`` ``(n, D)`` float64 for flattened latents ``x`` ``(n, D)`` and ``abar`` ``(n,)``."""
-        members = self.key_sets[q] > 0.5
-        mu = self.means.double()[members]  # (m, D)
+        mu, mu_sq = self._key_means(q)  # (m, D), (m,)
         a, sig2 = abar.sqrt(), 1.0 - abar
         v = a**2 * self.config.component_std**2 + sig2  # (n,)
-        d2 = (x**2).sum(-1, keepdim=True) - 2 * a[:, None] * (x @ mu.T) + a[:, None] ** 2 * (mu**2).sum(-1)[None]
+        d2 = (x**2).sum(-1, keepdim=True) - 2 * a[:, None] * (x @ mu.T) + a[:, None] ** 2 * mu_sq[None]
         r = torch.softmax(-0.5 * d2 / v[:, None], dim=-1)
         return (sig2.sqrt() / v)[:, None] * (x - a[:, None] * (r @ mu))
 
@@ -252,12 +260,13 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
         sel = self.selection(encoder_hidden_states)  # (B, Q)
         abar = self._abar(timestep, B)
         x = sample.reshape(B, -1).double()
-        out = torch.zeros_like(x)
+        parts = []
         for q in torch.nonzero(sel.detach().abs().amax(0) > 0).flatten().tolist():
             rows = torch.nonzero(sel[:, q].detach() != 0).flatten()
-            eps_q = self.eps_for_key(x[rows], abar[rows], q)
-            out = out.index_add(0, rows, sel[rows, q, None] * eps_q)
-        out = out.reshape(sample.shape).to(sample.dtype)
+            eps_q = torch.zeros_like(x)
+            eps_q[rows] = self.eps_for_key(x[rows], abar[rows], q)
+            parts.append(sel[:, q, None] * eps_q)
+        out = torch.stack(parts).sum(0).reshape(sample.shape).to(sample.dtype)
         return _Out(sample=out) if return_dict else (out,)
 
     def posterior_mean_x0(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
