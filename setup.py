@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "Pillow>=9.0",  # texture PNG of the gsplat-mesh-exporter
     "imageio>=2.28",
     "matplotlib>=3.7",
+    "torchmetrics>=1.0",  # PSNR / SSIM of the ground-truth 3D benchmark (scoredistill.bench.gt3d_bench)
     "scipy>=1.10",
     "submitit>=1.5",  # prompt suites on SLURM (scoredistill.suite)
     "PyYAML>=6.0",  # suite files (scoredistill.suite)

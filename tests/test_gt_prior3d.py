@@ -298,6 +298,11 @@ def test_learned_embedding_gets_a_gradient(prior):
     assert ((grad.T - K.T @ coef).norm(dim=0) / grad.norm(dim=1)).max() < 1e-4
     # ... and it moves the selection: d<out, v>/dc_a = <eps_a, v> (the sample's own gradient flows too)
     torch.testing.assert_close(grad @ K[prior.keys.index(a_key)], (ea * v).sum(1), rtol=1e-4, atol=1e-6)
+    # the full straight-through gradient of sum_q c_q eps_q: every key's eps enters, not only the selected one
+    # (a learned embedding starting at "" can move toward the scenes' keys)
+    W = prior.unet.prompt_key_dual.double()
+    expected = sum((_unet_eps(prior, x, t, k) * v).sum(1, keepdim=True) * W[i] for i, k in enumerate(prior.keys))
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-8)
 
 
 # ------------------------------------------------------------------------------------------ loading

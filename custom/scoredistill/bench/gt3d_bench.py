@@ -554,6 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--component-std", type=float, default=0.05)
     ap.add_argument("--cameras", choices=sorted(CAMERA_SETTINGS), default="eval")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse-prior", action="store_true", help="keep <out>/prior if built with the same settings")
     ap.add_argument("--report-only", action="store_true", help="re-score the runs already under --out")
     args = ap.parse_args(argv)
     for name in ("steps", "nerf_steps", "views", "workers"):
@@ -565,6 +566,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         rows = [r for r in rows if r.kind == "gs"] if args.rows is None else rows
         args.seeds, args.scenes = [0], ["cube"]
+    args.out = os.path.abspath(args.out)  # launch.py runs in the threestudio tree
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     prior = os.path.join(args.out, "prior")
@@ -572,8 +574,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "component_std": args.component_std, "cameras": args.cameras, "seeds": args.seeds,
             "torch_threads": os.environ.get("OMP_NUM_THREADS", "1"), "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.is_available()}
-    if not args.report_only:
+    prior_meta = os.path.join(args.out, "prior_meta.json")
+    settings = {"views": args.views, "cameras": args.cameras, "component_std": args.component_std}
+    if args.report_only or (args.reuse_prior and os.path.isfile(prior_meta)
+                            and json.load(open(prior_meta))["settings"] == settings):
+        meta["prior"] = json.load(open(prior_meta)) if os.path.isfile(prior_meta) else None
+    else:
+        from scoredistill.atomic_io import atomic_write_json
+
         meta["prior"] = build_scene_prior(prior, args.views, args.cameras, args.component_std)
+        meta["prior"]["settings"] = settings
+        atomic_write_json(prior_meta, meta["prior"])
     jobs = [(row, scene, seed) for row in rows for scene in row.scenes
             if args.scenes is None or scene in args.scenes for seed in args.seeds]
 

@@ -261,8 +261,12 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
         abar = self._abar(timestep, B)
         x = sample.reshape(B, -1).double()
         parts = []
-        for q in torch.nonzero(sel.detach().abs().amax(0) > 0).flatten().tolist():
-            rows = torch.nonzero(sel[:, q].detach() != 0).flatten()
+        # with a learnable embedding every key's eps enters the gradient d/de sum_q c_q eps_q (the straight-through
+        # value keeps the snapped one-hot); otherwise only the keys with non-zero weight are evaluated
+        full = sel.requires_grad and torch.is_grad_enabled()
+        active = range(sel.shape[1]) if full else torch.nonzero(sel.detach().abs().amax(0) > 0).flatten().tolist()
+        for q in active:
+            rows = torch.arange(B) if full else torch.nonzero(sel[:, q].detach() != 0).flatten()
             eps_q = torch.zeros_like(x)
             eps_q[rows] = self.eps_for_key(x[rows], abar[rows], q)
             parts.append(sel[:, q, None] * eps_q)
