@@ -269,6 +269,21 @@ def test_unknown_prompt_raises_and_lists_the_known_prompts(prior):
         prior.unet(torch.zeros(1, 4, 3, 3), torch.tensor([10]), prior.emb[""])
 
 
+def test_learned_embedding_drifting_slightly_off_the_keys_span_is_accepted(prior):
+    """AdamW moves LODS's embedding per coordinate, slightly out of the keys' span (it failed every LODS run of the
+    benchmark at relative distance 1e-3): the prior accepts drift below SPAN_TOL and sees the projection."""
+    g = torch.Generator().manual_seed(3)
+    key = prior.emb[""].double()
+    drift = torch.randn(key.shape, generator=g, dtype=torch.float64)
+    drift = drift / drift.norm() * key.norm() * 0.02
+    x = torch.randn(1, *LATENT, generator=g, dtype=torch.float64)
+    out = prior.unet(x, torch.tensor([300]), key + drift).sample
+    K, W = prior.unet.prompt_keys.double(), prior.unet.prompt_key_dual.double()
+    proj = ((key + drift).reshape(1, -1) @ W.T) @ K
+    torch.testing.assert_close(out, prior.unet(x, torch.tensor([300]), proj.reshape(key.shape)).sample)
+    assert gp.SPAN_TOL < 0.3  # still far below an unknown prompt's distance (test above)
+
+
 # ------------------------------------------------------------------------------------------ gradients
 def test_learned_embedding_gets_a_gradient(prior):
     a_key, b_key = "", "a red cube"

@@ -291,7 +291,23 @@ def run_one(row: Row, scene: str, seed: int, prior: str, out: str, steps: int, c
     if os.path.isfile(count_file):
         with open(count_file) as fh:
             samples = json.load(fh)["unet_samples"]
-    return {"trial": trial, "seconds": seconds, "unet_samples": samples}
+    info = {"trial": trial, "seconds": seconds, "unet_samples": samples}
+    from scoredistill.atomic_io import atomic_write_json
+
+    atomic_write_json(os.path.join(exp_root, "run_info.json"), info)
+    return info
+
+
+def _recorded_info(out: str, exp_root: str, row: str, scene: str, seed: int) -> Dict:
+    """``run_info.json`` of a finished run, else its record in an earlier ``gt3d_results*.json`` of ``out``."""
+    path = os.path.join(exp_root, "run_info.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    for res in sorted(glob.glob(os.path.join(out, "gt3d_results*.json"))):
+        for r in json.load(open(res)):
+            if (r["row"], r["scene"], r["seed"]) == (row, scene, seed) and "error" not in r:
+                return {k: r[k] for k in ("trial", "seconds", "unet_samples")}
+    raise RuntimeError(f"{exp_root}: no finished run recorded")
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -595,10 +611,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exp_root = os.path.join(args.out, "runs", _slug(row.name), scene, f"seed{seed}")
         try:
             if args.report_only:
-                info = {"trial": os.path.join(exp_root, "run", "t"), "seconds": float("nan"), "unet_samples": None}
-                cf = os.path.join(exp_root, "unet_count.json")
-                if os.path.isfile(cf):
-                    info["unet_samples"] = json.load(open(cf))["unet_samples"]
+                info = _recorded_info(args.out, exp_root, row.name, scene, seed)
             else:
                 info = run_one(row, scene, seed, prior, args.out, steps, args.cameras,
                                args.lr_scale if row.kind != "nerf" else 1.0)
