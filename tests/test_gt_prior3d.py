@@ -387,6 +387,14 @@ def test_threestudio_prompt_processor_embeddings_select_exactly(prior, threestud
 
 
 # ------------------------------------------------------------------------------------------ VAE
+def test_vae_latent_dist_has_diffusers_posterior_interface():
+    """uds-guidance reads ``latent_dist.mean`` / ``.std`` (it failed every UDS edit run of the benchmark without)."""
+    vae = gp.GroundTruthVAE()
+    dist = vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1).latent_dist
+    assert torch.equal(dist.sample(), dist.mean) and torch.equal(dist.mode(), dist.mean)
+    assert torch.equal(dist.std, torch.zeros_like(dist.mean)) and torch.equal(dist.var, torch.zeros_like(dist.mean))
+
+
 def test_vae_is_the_documented_linear_map():
     vae = gp.GroundTruthVAE()
     P = vae.proj.double()

@@ -93,7 +93,17 @@ def view_prompt(prompt: str, direction: str) -> str:
 
 @dataclass
 class _LatentDist:
+    """Deterministic posterior (diffusers' ``DiagonalGaussianDistribution`` interface with zero variance)."""
+
     mean: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean)
 
     def sample(self, generator=None) -> torch.Tensor:
         return self.mean
