@@ -174,8 +174,9 @@ def scene_params(scene: str) -> Dict[str, torch.Tensor]:
 
 def build_scene_prior(folder: str, n_views: int = 480, cameras: str = "eval", component_std: float = 0.05,
                       azimuth_offset_deg: float = 0.0, seed: int = 1234, log=print,
-                      scenes: Sequence[str] = gt_scenes.SCENES + ("cube_recoloured",)) -> Dict[str, float]:
-    """Build the prior folder over ``scenes`` (default ``cube``, ``janus``, ``table``, ``cube_recoloured``: the edit source) from
+                      scenes: Sequence[str] = gt_scenes.SCENES) -> Dict[str, float]:
+    """Build the prior folder over ``scenes`` (default ``cube``, ``janus``, ``table``; the edit row adds
+    ``cube_recoloured``, its source) from
     ``n_views`` training renders each; returns ``{"vae_psnr": dB, "seconds": s}``.  ``azimuth_offset_deg``
     builds a prior with a wrong camera convention (the negative control: renders labelled with azimuth +
     offset, e.g. 180 = mirrored)."""
@@ -585,22 +586,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out = os.path.abspath(args.out)  # launch.py runs in the threestudio tree
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
+    # generation rows: the three scenes; the edit row: the same plus its source (the recoloured cube, whose prompt
+    # the edit needs).  Measured: with the recoloured cube in the generation prior's marginal, SDS CFG 7.5 on the
+    # cube reached 13.35 +- 0.14 dB instead of 17.96 (seed 0) in 200 steps
     prior = os.path.join(args.out, "prior")
+    prior_edit = os.path.join(args.out, "prior-edit")
     meta = {"steps": args.steps, "nerf_steps": args.nerf_steps, "lr_scale": args.lr_scale, "views": args.views,
             "component_std": args.component_std, "cameras": args.cameras, "seeds": args.seeds,
             "torch_threads": os.environ.get("OMP_NUM_THREADS", "1"), "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.is_available()}
-    prior_meta = os.path.join(args.out, "prior_meta.json")
     settings = {"views": args.views, "cameras": args.cameras, "component_std": args.component_std}
-    if args.report_only or (args.reuse_prior and os.path.isfile(prior_meta)
-                            and json.load(open(prior_meta))["settings"] == settings):
-        meta["prior"] = json.load(open(prior_meta)) if os.path.isfile(prior_meta) else None
-    else:
-        from scoredistill.atomic_io import atomic_write_json
+    for key, folder, scenes in (("prior", prior, gt_scenes.SCENES),
+                                ("prior_edit", prior_edit, gt_scenes.SCENES + ("cube_recoloured",))):
+        if key == "prior_edit" and not any(r.kind == "edit" for r in rows):
+            continue
+        pm = folder + "_meta.json"
+        if args.report_only or (args.reuse_prior and os.path.isfile(pm) and json.load(open(pm))["settings"] == settings):
+            meta[key] = json.load(open(pm)) if os.path.isfile(pm) else None
+        else:
+            from scoredistill.atomic_io import atomic_write_json
 
-        meta["prior"] = build_scene_prior(prior, args.views, args.cameras, args.component_std)
-        meta["prior"]["settings"] = settings
-        atomic_write_json(prior_meta, meta["prior"])
+            meta[key] = build_scene_prior(folder, args.views, args.cameras, args.component_std, scenes=scenes)
+            meta[key]["settings"] = settings
+            atomic_write_json(pm, meta[key])
     jobs = [(row, scene, seed) for row in rows for scene in row.scenes
             if args.scenes is None or scene in args.scenes for seed in args.seeds]
 
@@ -613,7 +621,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.report_only:
                 info = _recorded_info(args.out, exp_root, row.name, scene, seed)
             else:
-                info = run_one(row, scene, seed, prior, args.out, steps, args.cameras,
+                info = run_one(row, scene, seed, prior_edit if row.kind == "edit" else prior, args.out, steps, args.cameras,
                                args.lr_scale if row.kind != "nerf" else 1.0)
             rec.update(info)
         except Exception as exc:  # reported in the table, never hidden
