@@ -473,6 +473,23 @@ MD_COLUMNS = [("row", "method (config)"), ("cube_psnr", "cube PSNR ↑"), ("cube
               ("unet_samples_per_step", "UNet samples / step"), ("seconds", "wall s / run")]
 
 
+#: the README's shorter table (``gt3d_readme.md``)
+README_COLUMNS = [("row", "method (config)"), ("cube_psnr", "cube PSNR ↑"), ("janus_psnr", "two-faced PSNR ↑"),
+                  ("janus", "Janus ↓"), ("table_psnr", "table PSNR ↑"), ("chamfer_table", "table Chamfer ↓"),
+                  ("iou", "mask IoU ↑"), ("chroma", "chroma (→1)"), ("unet_samples_per_step", "UNet samples / step"),
+                  ("seconds", "s / run")]
+
+
+def _markdown(lines: List[Dict], columns) -> str:
+    md = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for line in lines:
+        cells = [f"{line['row']} (`{line['config']}`)" if k == "row" else str(line.get(k, "–")) for k, _ in columns]
+        if line["failed"]:
+            cells[0] += f" ({line['failed']} run(s) failed)"
+        md.append("| " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
 def write_tables(out: str, results: List[Dict], meta: Dict) -> str:
     from scoredistill.atomic_io import atomic_write_json, atomic_write_text
 
@@ -486,14 +503,9 @@ def write_tables(out: str, results: List[Dict], meta: Dict) -> str:
     for r in results:
         w.writerow({k: r.get(k) for k in keys})
     atomic_write_text(os.path.join(out, "gt3d_runs.csv"), buf.getvalue())
-    md = ["| " + " | ".join(h for _, h in MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
-    for line in lines:
-        cells = [f"{line['row']} (`{line['config']}`)" if k == "row" else str(line.get(k, "–")) for k, _ in MD_COLUMNS]
-        if line["failed"]:
-            cells[0] += f" ({line['failed']} run(s) failed)"
-        md.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(md) + "\n"
+    text = _markdown(lines, MD_COLUMNS)
     atomic_write_text(os.path.join(out, "gt3d.md"), text)
+    atomic_write_text(os.path.join(out, "gt3d_readme.md"), _markdown(lines, README_COLUMNS))
     atomic_write_json(os.path.join(out, "gt3d_meta.json"), meta, indent=2)
     atomic_write_json(os.path.join(out, "gt3d_results.json"), results, indent=1)
     return text
@@ -641,10 +653,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as exc:
             rec["error"] = f"scoring: {exc}"
     meta["total_seconds"] = time.time() - t0
+    old_meta = os.path.join(args.out, "gt3d_meta.json")
+    if args.report_only and os.path.isfile(old_meta):  # keep the measured run's time; scoring is not a run
+        meta["total_seconds"] = json.load(open(old_meta)).get("total_seconds")
+        meta["rescored_seconds"] = time.time() - t0
     text = write_tables(args.out, recs, meta)
     write_pictures(args.out, recs, gt)
     print(text)
-    print(f"gt3d_bench: {len(recs)} runs, {meta['total_seconds']:.0f} s in all; tables and pictures in {args.out}")
+    print(f"gt3d_bench: {len(recs)} runs, {meta['total_seconds'] or float('nan'):.0f} s in all; tables and pictures in {args.out}")
     return 0
 
 
