@@ -172,8 +172,7 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
 
     Buffers (written by :func:`build_gt_prior`): ``means`` ``(M, 4 h w)``, ``key_sets`` ``(Q, M)`` (0/1 membership),
     ``prompt_keys`` ``(Q, 77 E)``, ``prompt_key_dual`` ``(Q, 77 E)``, ``alphas_cumprod`` ``(T,)``.  Config: ``prompts`` (the Q key
-    strings, for messages), ``component_std`` ``s``, ``component_scene`` / ``component_azimuth`` /
-    ``component_elevation`` (per-component metadata for the benchmark).
+    strings, for messages), ``component_std`` ``s``.
 
     Raises ``ValueError`` for a latent of the wrong shape or an embedding the prior does not know.
     """
@@ -181,9 +180,7 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 4, out_channels: int = 4, sample_size: int = 32, cross_attention_dim: int = 32,
                  seq_len: int = 77, num_components: int = 1, prompts: Sequence[str] = ("",),
-                 component_std: float = 0.05, num_train_timesteps: int = 1000,
-                 component_scene: Sequence[int] = (0,), component_azimuth: Sequence[float] = (0.0,),
-                 component_elevation: Sequence[float] = (0.0,), scenes: Sequence[str] = ("",)):
+                 component_std: float = 0.05, num_train_timesteps: int = 1000):
         super().__init__()
         if component_std <= 0:
             raise ValueError(f"component_std must be > 0, got {component_std}")
@@ -251,16 +248,6 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
         r = torch.softmax(-0.5 * d2 / v[:, None], dim=-1)
         return (sig2.sqrt() / v)[:, None] * (x - a[:, None] * (r @ mu))
 
-    def posterior_components(self, sample: torch.Tensor, timestep, key: int) -> torch.Tensor:
-        """Responsibilities ``(B, |S_key|)`` of the key's components at ``sample`` (diagnostics)."""
-        B = sample.shape[0]
-        abar = self._abar(timestep, B)
-        x = sample.reshape(B, -1).double()
-        mu = self.means.double()[self.key_sets[key] > 0.5]
-        a, v = abar.sqrt(), abar * self.config.component_std**2 + 1.0 - abar
-        d2 = ((x[:, None] - a[:, None, None] * mu[None]) ** 2).sum(-1)
-        return torch.softmax(-0.5 * d2 / v[:, None], dim=-1)
-
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = True,
                 **kwargs):
         B = sample.shape[0]
@@ -268,9 +255,9 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
         if tuple(sample.shape[1:]) != (c, s, s):
             raise ValueError(f"GroundTruthUNet: sample must have shape (B, {c}, {s}, {s}), got {tuple(sample.shape)}"
                              f" (the guidance's image_size / the VAE factor must give {s}x{s} latents)")
+        sel = self.selection(encoder_hidden_states)  # (B, Q); raises for an unknown prompt
         self.num_calls += 1
         self.num_samples += B
-        sel = self.selection(encoder_hidden_states)  # (B, Q)
         abar = self._abar(timestep, B)
         x = sample.reshape(B, -1).double()
         parts = []
@@ -385,9 +372,7 @@ def build_gt_prior(
     _, c, h, w = latents.shape
     unet = GroundTruthUNet(
         in_channels=c, out_channels=c, sample_size=h, cross_attention_dim=emb.shape[2], seq_len=emb.shape[1],
-        num_components=M, prompts=list(keys), component_std=float(component_std),
-        component_scene=scene_of, component_azimuth=[float(a) for a in azimuth_deg],
-        component_elevation=[float(e) for e in elevation_deg], scenes=list(scene_prompts))
+        num_components=M, prompts=list(keys), component_std=float(component_std))
     unet.means.copy_(latents.reshape(M, -1).float())
     unet.key_sets.copy_(torch.stack(sets).float())
     unet.prompt_keys.copy_(K.float())
