@@ -7,9 +7,10 @@ under ``custom/``).  ``--copy`` copies instead of linking.  An existing differen
 ``scoredistill suite run SUITE.yaml`` / ``scoredistill suite report OUTPUT_DIR``: prompt suites
 (:mod:`scoredistill.suite`).
 
-``scoredistill mesh GAUSSIANS.ply OUT_DIR``: a textured mesh (OBJ + MTL + PNG, GLB) from a 3DGS PLY, the
-``gsplat-mesh-exporter`` outside threestudio (options: ``scoredistill mesh --help``).
+``scoredistill mesh GAUSSIANS.ply OUT_DIR``: a textured mesh (OBJ + MTL + PNG, GLB, JSON report) from a 3DGS
+PLY, the ``gsplat-mesh-exporter`` outside threestudio (options: ``scoredistill mesh --help``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,15 @@ import shutil
 import sys
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+DESCRIPTION = """scoredistill: score-distillation methods (GE3D, LODS, DreamMapping, UDS, HiFA) and 3D Gaussians for threestudio.
+
+commands:
+  link THREESTUDIO_ROOT        make the pack visible to a threestudio checkout (custom/scoredistill)
+  suite run|report|status ...  prompt suites: run every prompt x config x seed, CLIP report, state
+  mesh GAUSSIANS.ply OUT_DIR   textured mesh (OBJ+MTL+PNG, GLB, JSON) from a 3DGS PLY
+
+'scoredistill COMMAND --help' shows each command's options with their defaults."""
 
 
 def link(threestudio_root: str, copy: bool = False) -> str:
@@ -45,12 +55,16 @@ def link(threestudio_root: str, copy: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="scoredistill", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_link = sub.add_parser("link", help="make the pack visible to a threestudio checkout")
-    p_link.add_argument("threestudio_root")
-    p_link.add_argument("--copy", action="store_true", help="copy the package instead of linking it")
-    p_suite = sub.add_parser("suite", help="run a prompt suite and report CLIP scores (scoredistill.suite)")
+    parser = argparse.ArgumentParser(prog="scoredistill", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_link = sub.add_parser("link", help="make the pack visible to a threestudio checkout", formatter_class=_HelpFormatter,
+                            description="Link (or copy) this package as THREESTUDIO_ROOT/custom/scoredistill, so threestudio's "
+                                        "launch.py imports it. An existing different entry is never replaced.")
+    p_link.add_argument("threestudio_root", help="a threestudio checkout (the folder with launch.py and custom/)")
+    p_link.add_argument("--copy", action="store_true", help="copy the package instead of linking it (default: a symlink)")
+    p_suite = sub.add_parser("suite", help="run a prompt suite and report CLIP scores (scoredistill.suite)", formatter_class=_HelpFormatter,
+                             description="Prompt suites: 'run' launches every unfinished prompt x config x seed, 'report' "
+                                         "writes a CSV, markdown means and an HTML gallery, 'status' prints each run's state.")
     _add_suite_parser(p_suite)
     _add_mesh_parser(sub)
     args = parser.parse_args(argv)
@@ -68,26 +82,38 @@ def main(argv=None) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default ("(default: ...)", unless the text states it or it is unset) and the
+    descriptions' line breaks kept."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _add_suite_parser(p) -> None:
-    sub = p.add_subparsers(dest="suite_command", required=True)
-    r = sub.add_parser("run", help="run every unfinished prompt x config x seed of a suite")
-    r.add_argument("suite_file")
+    sub = p.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
+    r = sub.add_parser("run", help="run every unfinished prompt x config x seed of a suite", formatter_class=_HelpFormatter)
+    r.add_argument("suite_file", help="the suite's YAML file")
     r.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: the suite's gpus)")
     r.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
                    help="submit through submitit (SLURM job array; local/debug for testing) instead of the local pool")
     r.add_argument("--no-wait", action="store_true", help="with --cluster: return after submission")
     r.add_argument("--output-dir", default=None, help="override the suite's output_dir")
     r.add_argument("--link", action="store_true", help="link the pack into threestudio_root/custom first")
-    rep = sub.add_parser("report", help="CSV, markdown means with CIs and an HTML gallery of a suite's runs")
+    rep = sub.add_parser("report", help="CSV, markdown means with CIs and an HTML gallery of a suite's runs", formatter_class=_HelpFormatter)
     rep.add_argument("target", help="a suite's output folder (or its suite file)")
     rep.add_argument("--clip-model", action="append", default=None,
                      help="CLIPModel name or folder; repeat for several (default openai/clip-vit-large-patch14; "
                           "bigG: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
-    rep.add_argument("--device", default="cpu")
-    rep.add_argument("--panel", default="first", choices=["first", "full"])
+    rep.add_argument("--device", default="cpu", help="torch device of the CLIP model")
+    rep.add_argument("--panel", default="first", choices=["first", "full"],
+                     help="gallery images: the first test view of each run, or the full panel of views")
     rep.add_argument("--out", default=None, help="report folder (default OUTPUT_DIR/report)")
-    st = sub.add_parser("status", help="print the state of every run of a suite's output folder")
-    st.add_argument("target")
+    st = sub.add_parser("status", help="print the state of every run of a suite's output folder", formatter_class=_HelpFormatter)
+    st.add_argument("target", help="a suite's output folder (or its suite file)")
 
 
 def _suite_main(args) -> int:
@@ -131,33 +157,91 @@ def _suite_main(args) -> int:
         return 2
 
 
+MESH_DESCRIPTION = """Textured triangle mesh from a 3DGS PLY (the gsplat-mesh-exporter without threestudio):
+opacity-weighted Gaussian density on a grid -> interior fill -> marching cubes -> cleanup (degenerate faces
+collapsed, floaters dropped, quadric decimation, manifold repair) -> xatlas UVs -> texture baked from the
+Gaussians' colours.  Prints watertightness, component count and the surface's offset to the Gaussian centres.
+
+files written into OUT_DIR (replaced as one set; old files of the set not written again are removed):
+  NAME.obj, NAME.mtl, NAME.png   OBJ with vertex normals and UVs, its material and texture   (--formats obj)
+  NAME.glb                       binary glTF 2.0: POSITION, NORMAL, TEXCOORD_0, embedded PNG   (--formats glb)
+  NAME.ply                       vertex-coloured mesh with normals                             (--formats ply)
+  NAME.json                      always: stats (watertight, components, surface offset, level, faces, timings),
+                                 settings and frame
+frame: +Y up (glTF's axis): threestudio (x, y, z) -> (x, z, -y); --up-axis z keeps threestudio's +Z up."""
+
+
 def _add_mesh_parser(sub) -> None:
-    p = sub.add_parser("mesh", help="textured mesh (OBJ+MTL+PNG, GLB) from a 3DGS PLY")
+    from scoredistill.exporter.gaussian_mesh import COLOR_MODES, FORMATS, UP_AXES, MeshSettings
+
+    d = MeshSettings()
+    p = sub.add_parser("mesh", help="textured mesh (OBJ+MTL+PNG, GLB, JSON report) from a 3DGS PLY",
+                       description=MESH_DESCRIPTION, formatter_class=_HelpFormatter)
     p.add_argument("ply", help="3D Gaussian PLY (e.g. written by gsplat-ply-exporter)")
-    p.add_argument("out_dir")
-    p.add_argument("--name", default="model", help="file stem (default: model)")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--isosurface-threshold", type=float, default=0.5)
-    p.add_argument("--texture-size", type=int, default=1024)
-    p.add_argument("--decimate-target", type=int, default=100_000)
-    p.add_argument("--color-mode", default="dc", help="dc | normal_sh")
-    p.add_argument("--formats", default="obj,glb", help="comma-separated: obj, glb, ply")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("out_dir", help="output folder (created if missing; other files in it are left alone)")
+    p.add_argument("--name", default="model", help="file stem of the written files")
+    p.add_argument("--resolution", type=int, default=d.resolution,
+                   help="grid nodes along the longest side of the bounds, 8..2048 (finer surface, cubic cost in memory)")
+    p.add_argument("--isosurface-threshold", default=d.isosurface_threshold,
+                   help="density level of the surface: 'auto' (--auto-level-ratio x the median density at the Gaussians' "
+                        "centres: the surface sits ~1.2 std outside a layer of Gaussians, sparse or dense) or a number > 0 "
+                        "(absolute; a lone Gaussian of opacity o peaks at o)")
+    p.add_argument("--auto-level-ratio", type=float, default=d.auto_level_ratio,
+                   help="with --isosurface-threshold auto: the level as a fraction of the median density at the centres, in (0, 1)")
+    p.add_argument("--bounds", default=d.bounds,
+                   help="grid bounds: 'auto' (the visible Gaussians' extent), a radius r (cube [-r, r]^3), or 6 numbers "
+                        "'xmin,ymin,zmin,xmax,ymax,zmax'")
+    p.add_argument("--min-opacity", type=float, default=d.min_opacity, help="ignore Gaussians below this opacity, in [0, 1)")
+    p.add_argument("--fill-interior", action=argparse.BooleanOptionalAction, default=d.fill_interior,
+                   help="fill cavities enclosed by the surface, so a hollow shell of Gaussians gives one closed outer surface")
+    p.add_argument("--smooth-iterations", type=int, default=d.smooth_iterations, help="Taubin smoothing iterations (0 = off)")
+    p.add_argument("--decimate-target", type=int, default=d.decimate_target, help="at most this many faces (0 = no decimation)")
+    p.add_argument("--texture-size", type=int, default=d.texture_size, help="texture width = height in texels, 16..8192")
+    p.add_argument("--color-mode", default=d.color_mode, choices=list(COLOR_MODES),
+                   help="dc: view-independent base colour (SH degree 0); normal_sh: the full SH seen along the surface normal")
+    p.add_argument("--formats", default=",".join(d.formats), help=f"comma-separated, any of {', '.join(FORMATS)} (NAME.json is always written)")
+    p.add_argument("--up-axis", default=d.up_axis, choices=list(UP_AXES),
+                   help="up axis of every file: y (glTF's; threestudio (x, y, z) -> (x, z, -y)) or z (threestudio's frame)")
+    p.add_argument("--device", default=None, help="torch device of the density grid and texture, e.g. cuda (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_mesh_bounds(text: str):
+    if text == "auto":
+        return text
+    try:
+        vals = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--bounds must be 'auto', a radius or 'xmin,ymin,zmin,xmax,ymax,zmax', got {text!r}") from None
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 6:
+        return [vals[:3], vals[3:]]
+    raise ValueError(f"--bounds must be 'auto', a radius or 'xmin,ymin,zmin,xmax,ymax,zmax', got {text!r}")
 
 
 def _run_mesh(args) -> int:
-    from scoredistill.exporter.gaussian_mesh import export_ply_to_mesh
+    from scoredistill.exporter.gaussian_mesh import export_ply_to_mesh, summary_line
 
-    settings = dict(
-        resolution=args.resolution, isosurface_threshold=args.isosurface_threshold, texture_size=args.texture_size,
-        decimate_target=args.decimate_target, color_mode=args.color_mode, formats=[f for f in args.formats.split(",") if f],
-    )
     try:
-        paths, result = export_ply_to_mesh(args.ply, args.out_dir, name=args.name, device=args.device, **settings)
-    except (ValueError, OSError) as e:
+        level = args.isosurface_threshold
+        if level != "auto":
+            try:
+                level = float(level)
+            except ValueError:
+                raise ValueError(f"--isosurface-threshold must be 'auto' or a finite number > 0, got {level!r}") from None
+        settings = dict(
+            resolution=args.resolution, isosurface_threshold=level, auto_level_ratio=args.auto_level_ratio,
+            bounds=_parse_mesh_bounds(str(args.bounds)), min_opacity=args.min_opacity, fill_interior=args.fill_interior,
+            smooth_iterations=args.smooth_iterations, texture_size=args.texture_size, decimate_target=args.decimate_target,
+            color_mode=args.color_mode, formats=[f for f in args.formats.split(",") if f], up_axis=args.up_axis,
+        )
+        paths, result = export_ply_to_mesh(args.ply, args.out_dir, name=args.name, device=args.device,
+                                           progress=not args.quiet, **settings)
+    except (ValueError, OSError, OverflowError) as e:
         print(f"scoredistill mesh: {e}", file=sys.stderr)
         return 2
-    print(f"{int(result.stats['faces'])} faces, {int(result.stats['vertices'])} vertices")
+    print(summary_line(result.stats))
     for path in paths:
         print(path)
     return 0

@@ -104,7 +104,7 @@ class MeshSettings:
     #: each Gaussian is evaluated on the coarsest grid (voxel x 2^l) where its smallest std still spans this many
     #: voxels, then the grids are summed by trilinear upsampling (error < 1% of the level); 0 = every Gaussian on
     #: the full grid (exact, slow for large Gaussians)
-    density_min_sigma_voxels: float = 2.0
+    density_min_sigma_voxels: float = 1.5
     #: drop connected components with fewer faces than this fraction of the largest one
     min_component_fraction: float = 0.05
     #: Taubin smoothing iterations after marching cubes (0 = off)

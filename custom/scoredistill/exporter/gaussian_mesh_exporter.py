@@ -7,7 +7,8 @@ texture baked from the Gaussians' colours, no nvdiffrast: runs on CPU and CUDA, 
         system.exporter_type=gsplat-mesh-exporter [system.exporter.resolution=256 ...]
 
 writes ``<trial>/save/it<step>-export/<mesh_name>.obj/.mtl/.png`` and ``.glb`` (and ``.ply`` with vertex colours
-when ``formats`` lists ``ply``), each file atomically, in threestudio's world frame (the PLY's).  All settings are
+when ``formats`` lists ``ply``) and ``<mesh_name>.json`` (watertight, components, surface offset, timings), with
+vertex normals, +Y up by default (glTF's axis; ``up_axis: z`` keeps threestudio's frame), replaced as one set.  All settings are
 validated in ``configure`` (errors name ``system.exporter.<key>``), before the mesh is computed.
 
 With ``gsplat-system`` the files are written by the system's ``save_gsplat_mesh`` saver (``save_type:
@@ -44,11 +45,14 @@ class GsplatMeshExporter(Exporter):
         resolution: int = 256
         bounds: Any = "auto"
         crop_to_bounds: bool = False
-        isosurface_threshold: float = 0.5
+        isosurface_threshold: Any = "auto"
+        auto_level_ratio: float = 0.5
         min_opacity: float = 0.005
         cutoff_sigma: float = 3.0
         chunk_size: int = 4_194_304
         fill_interior: bool = True
+        fill_threshold_ratio: float = 0.75
+        density_min_sigma_voxels: float = 1.5
         min_component_fraction: float = 0.05
         smooth_iterations: int = 0
         decimate_target: int = 100_000
@@ -57,6 +61,7 @@ class GsplatMeshExporter(Exporter):
         color_knn: int = 16
         uv_padding: int = 2
         formats: List[str] = field(default_factory=lambda: ["obj", "glb"])
+        up_axis: str = "y"
 
     cfg: Config
 
@@ -80,12 +85,12 @@ class GsplatMeshExporter(Exporter):
 
         device = self.geometry.params["means"].device
         params = {k: v.detach() for k, v in self.geometry.params.items()}
-        result = GM.gaussians_to_mesh(params, self.settings, device=device, prefix=PREFIX)
+        result = GM.gaussians_to_mesh(params, self.settings, device=device, prefix=PREFIX, progress=True)
         threestudio.info(
-            "gsplat-mesh-exporter: {faces:.0f} faces, {vertices:.0f} vertices from {gaussians:.0f} Gaussians "
-            "(grid {grid_x:.0f}x{grid_y:.0f}x{grid_z:.0f}, texture coverage {texture_coverage:.2f})".format(**result.stats)
+            "gsplat-mesh-exporter: {gaussians:.0f} Gaussians, grid {grid_x:.0f}x{grid_y:.0f}x{grid_z:.0f}: ".format(**result.stats)
+            + GM.summary_line(result.stats)
         )
-        files = GM.mesh_file_bytes(result, self.cfg.mesh_name, self.settings.formats)
+        files = GM.mesh_file_bytes(result, self.cfg.mesh_name, self.settings.formats, self.settings.up_axis, self.settings)
         if self.cfg.save_via_file:
             folder = tempfile.mkdtemp(prefix="gsplat-mesh-")
             outs = []

@@ -329,10 +329,10 @@ class GsplatSystem(BaseLift3DSystem):
 
     # SaverMixin-style saver used by the gsplat-mesh-exporter (save_type "gsplat_mesh")
     def save_gsplat_mesh(self, filename: str, files: Dict[str, bytes]) -> str:
-        """Write ``files`` (name -> bytes) next to ``filename`` in the trial folder, each atomically."""
-        from scoredistill.exporter.gaussian_mesh import _atomic_write_bytes
+        """Write ``files`` (name -> bytes) next to ``filename`` in the trial folder, replacing the previous set of
+        ``<filename>.*`` mesh files as a whole (``gaussian_mesh.write_file_set``)."""
+        from scoredistill.exporter.gaussian_mesh import write_file_set
 
         folder = os.path.dirname(self.get_save_path(filename))
-        for name in sorted(files, key=lambda k: (k.endswith(".obj"), k)):
-            _atomic_write_bytes(os.path.join(folder, name), files[name])
+        write_file_set(folder, files, os.path.basename(filename))
         return folder
