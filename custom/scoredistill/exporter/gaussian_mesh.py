@@ -100,7 +100,7 @@ class MeshSettings:
     fill_interior: bool = True
     #: the interior fill also closes the shell at fill_threshold_ratio x level, so a shell whose density dips just
     #: under the level (a gap) still encloses its cavity (no hidden inner shell)
-    fill_threshold_ratio: float = 0.75
+    fill_threshold_ratio: float = 0.5
     #: each Gaussian is evaluated on the coarsest grid (voxel x 2^l) where its smallest std still spans this many
     #: voxels, then the grids are summed by trilinear upsampling (error < 1% of the level); 0 = every Gaussian on
     #: the full grid (exact, slow for large Gaussians)
@@ -475,7 +475,7 @@ def _splat(out, gf, ids, offs, sd, base_flat, base_d, grid, c2, values):
 
 
 # ----------------------------------------------------------------------------------------------- surface
-def fill_cavities(vol: np.ndarray, level: float, fill_ratio: float = 0.75) -> Tuple[np.ndarray, int]:
+def fill_cavities(vol: np.ndarray, level: float, fill_ratio: float = 0.5) -> Tuple[np.ndarray, int]:
     """Raise to ``2 level`` every node below ``level`` that the grid's outside cannot reach (6-neighbourhood,
     ``scipy.ndimage.binary_fill_holes``), with the shell closed at ``fill_ratio * level`` first: a cavity enclosed
     by the nodes ``>= fill_ratio * level`` is filled even where the shell dips just under ``level`` (a gap of
@@ -494,7 +494,7 @@ def fill_cavities(vol: np.ndarray, level: float, fill_ratio: float = 0.75) -> Tu
     return vol, count
 
 
-def extract_isosurface(density: Tensor, grid: Grid, level: float, fill_interior: bool = True, fill_ratio: float = 0.75) -> Tuple[np.ndarray, np.ndarray]:
+def extract_isosurface(density: Tensor, grid: Grid, level: float, fill_interior: bool = True, fill_ratio: float = 0.5) -> Tuple[np.ndarray, np.ndarray]:
     """Marching cubes (PyMCubes) of ``density`` at ``level``; vertices ``[V, 3]`` in world coordinates, faces ``[F, 3]``.
 
     ``fill_interior``: cavities are raised above the level first (:func:`fill_cavities`, closing the shell at

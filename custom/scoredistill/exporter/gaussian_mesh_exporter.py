@@ -51,7 +51,7 @@ class GsplatMeshExporter(Exporter):
         cutoff_sigma: float = 3.0
         chunk_size: int = 4_194_304
         fill_interior: bool = True
-        fill_threshold_ratio: float = 0.75
+        fill_threshold_ratio: float = 0.5
         density_min_sigma_voxels: float = 1.5
         min_component_fraction: float = 0.05
         smooth_iterations: int = 0
