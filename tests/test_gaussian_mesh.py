@@ -87,8 +87,9 @@ def test_density_of_one_gaussian_matches_formula():
 def sphere_export(tmp_path_factory):
     params = sphere_gaussians()
     out = tmp_path_factory.mktemp("sphere")
-    result = M.gaussians_to_mesh(params, formats=["obj", "glb", "ply"], **FAST)
-    paths = M.write_mesh_files(result, str(out), "sphere", ["obj", "glb", "ply"])
+    # an absolute level and the exact density (the thin-shell prediction below), files in threestudio's frame
+    result = M.gaussians_to_mesh(params, formats=["obj", "glb", "ply"], isosurface_threshold=0.5, density_min_sigma_voxels=0.0, **FAST)
+    paths = M.write_mesh_files(result, str(out), "sphere", ["obj", "glb", "ply"], up_axis="z")
     return params, result, out, paths
 
 
@@ -149,15 +150,15 @@ def test_files_load_back_atomically_written(sphere_export):
 
     _, result, out, paths = sphere_export
     names = sorted(os.path.basename(p) for p in paths)
-    assert names == ["sphere.glb", "sphere.mtl", "sphere.obj", "sphere.ply", "sphere.png"]
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    assert names == ["sphere.glb", "sphere.json", "sphere.mtl", "sphere.obj", "sphere.ply", "sphere.png"]
+    assert not [f for f in os.listdir(out) if f.startswith(".")]
     mtl = (out / "sphere.mtl").read_text()
     assert "map_Kd sphere.png" in mtl
     obj = trimesh.load(str(out / "sphere.obj"), force="mesh")
     glb = trimesh.load(str(out / "sphere.glb"), force="mesh")
     for m in (obj, glb):
         assert isinstance(m.visual, trimesh.visual.TextureVisuals) and m.visual.uv is not None
-        # same geometry, same (threestudio) frame as the Gaussians: no axis conversion
+        # same geometry, same (threestudio) frame as the Gaussians with up_axis="z": no axis conversion
         assert np.allclose(np.sort(np.asarray(m.vertices), 0)[::50], np.sort(np.asarray(result.mesh.vertices), 0)[::50], atol=1e-5)
     assert len(obj.faces) == len(result.mesh.faces) <= FAST["decimate_target"]
 
@@ -188,7 +189,7 @@ def test_octahedron_from_load_mesh_geometry_and_colours(tmp_path):
     g = torch.Generator().manual_seed(0)
     pts, cols = G.sample_mesh_surface(verts, faces, 12000, vcol, generator=g)
     params = G.params_from_points(pts, cols, init_opacity=0.5, init_scale=0.012)
-    files, res = M.export_ply_to_mesh(G.save_gaussians_ply(str(tmp_path / "g.ply"), params), str(tmp_path), "octa", **FAST)
+    files, res = M.export_ply_to_mesh(G.save_gaussians_ply(str(tmp_path / "g.ply"), params), str(tmp_path), "octa", up_axis="z", **FAST)
     mesh = trimesh.load(str(tmp_path / "octa.obj"), force="mesh")
     ref_mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
     cd = M.mesh_chamfer_distance(mesh, ref_mesh, n_samples=50000)
@@ -297,8 +298,10 @@ def test_cli_mesh_subcommand(tmp_path, capsys):
 
     ply = G.save_gaussians_ply(str(tmp_path / "g.ply"), sphere_gaussians(n=3000, radius=0.4, scale=0.03))
     out = tmp_path / "mesh"
-    assert main(["mesh", ply, str(out), "--resolution", "40", "--texture-size", "64", "--decimate-target", "1000", "--formats", "obj,ply"]) == 0
-    assert sorted(os.listdir(out)) == ["model.mtl", "model.obj", "model.ply", "model.png"]
+    assert main(["mesh", ply, str(out), "--resolution", "40", "--texture-size", "64", "--decimate-target", "1000", "--formats", "obj,ply", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "watertight, 1 component(s), 0 degenerate faces; surface offset to the Gaussian centres mean" in printed
+    assert sorted(os.listdir(out)) == ["model.json", "model.mtl", "model.obj", "model.ply", "model.png"]
     r = np.linalg.norm(trimesh.load(str(out / "model.obj"), force="mesh").vertices, axis=1)
     assert 0.4 < r.mean() < 0.5
     assert main(["mesh", ply, str(out), "--resolution", "4"]) == 2

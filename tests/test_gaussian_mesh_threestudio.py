@@ -31,11 +31,12 @@ def test_launch_export_writes_textured_mesh(tmp_path):
         "system.geometry.upsample_to=0", "system.geometry.init_opacity=0.5", "system.geometry.init_scale=0.015",
         "system.exporter_type=gsplat-mesh-exporter", "system.exporter.resolution=48", "system.exporter.texture_size=128",
         "system.exporter.decimate_target=2000", "system.exporter.color_knn=8", "system.exporter.formats=[obj,glb,ply]",
+        "system.exporter.up_axis=z",
     ]
     trial = run_launch(CONFIG, overrides, mode="--export", exp_root=exp_root)
     folder = os.path.join(trial, "save", "it0-export")
     # next to the 3DGS PLY that gs-sds.yaml's exporter.save_name (gaussians.ply) would name: not overwritten
-    assert sorted(os.listdir(folder)) == ["model.glb", "model.mtl", "model.obj", "model.ply", "model.png"]
+    assert sorted(os.listdir(folder)) == ["model.glb", "model.json", "model.mtl", "model.obj", "model.ply", "model.png"]
     assert "gsplat-mesh-exporter:" in run_launch.last_output
     mesh = trimesh.load(os.path.join(folder, "model.obj"), force="mesh")
     assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
@@ -75,7 +76,7 @@ def test_exporter_config_errors_and_save_via_file(threestudio_module, tmp_path):
         geometry=geometry, material=None, background=None,
     )
     outs = exporter()
-    assert [o.save_name for o in outs] == ["model.glb", "model.mtl", "model.png", "model.obj"]
+    assert [o.save_name for o in outs] == ["model.glb", "model.json", "model.mtl", "model.png", "model.obj"]
     assert all(o.save_type == "file" and os.path.isfile(o.params["src_path"]) for o in outs)
     m = trimesh.load([o.params["src_path"] for o in outs if o.save_name == "model.obj"][0], force="mesh")
     r = np.linalg.norm(m.vertices, axis=1)
