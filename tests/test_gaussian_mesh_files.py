@@ -196,25 +196,34 @@ def test_full_disk_during_export_leaves_the_previous_set_untouched(export, tmp_p
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    res2 = M.MeshResult(result.mesh, result.vertex_colors, result.welded, result.grid, dict(result.stats, faces=1.0))
+    # the next export: other geometry (every file's bytes differ from the first set's)
+    mesh2, welded2 = result.mesh.copy(), result.welded.copy()
+    mesh2.vertices = mesh2.vertices + 0.125
+    welded2.vertices = welded2.vertices + 0.125
+    res2 = M.MeshResult(mesh2, result.vertex_colors, welded2, result.grid, dict(result.stats, faces=1.0))
     with pytest.raises(OSError, match="No space left"):
         M.write_mesh_files(res2, str(folder), "model", ["obj", "glb", "ply"])
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert {p: (folder / p).read_bytes() for p in os.listdir(folder)} == before  # no mix, no temporaries
-    # a failing rename in the swap puts the old files back
-    real_rename = os.rename
+    # a rename failing in the swap (the 9th: all 6 old files moved aside, 2 of the new ones in place) puts the
+    # old files back
+    real_rename, real_replace = os.rename, os.replace
     n = {"k": 0}
 
-    def flaky_rename(a, b):
-        n["k"] += 1
-        if n["k"] == 8:
-            raise OSError(errno.EIO, "I/O error")
-        return real_rename(a, b)
+    def flaky(real):
+        def move(a, b):
+            n["k"] += 1
+            if n["k"] == 9:
+                raise OSError(errno.EIO, "I/O error")
+            return real(a, b)
+        return move
 
-    monkeypatch.setattr(os, "rename", flaky_rename)
+    monkeypatch.setattr(os, "rename", flaky(real_rename))
+    monkeypatch.setattr(os, "replace", flaky(real_replace))
     with pytest.raises(OSError, match="I/O error"):
         M.write_mesh_files(res2, str(folder), "model", ["obj", "glb", "ply"])
     monkeypatch.setattr(os, "rename", real_rename)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert {p: (folder / p).read_bytes() for p in os.listdir(folder)} == before
     # a new set without ply/obj removes the old set's other files, never the folder's other files
     M.write_mesh_files(res2, str(folder), "model", ["glb"])
