@@ -184,7 +184,7 @@ def _add_mesh_parser(sub) -> None:
                    help="grid nodes along the longest side of the bounds, 8..2048 (finer surface, cubic cost in memory)")
     p.add_argument("--isosurface-threshold", default=d.isosurface_threshold,
                    help="density level of the surface: 'auto' (--auto-level-ratio x the median density at the Gaussians' "
-                        "centres: the surface sits ~1.2 std outside a layer of Gaussians, sparse or dense) or a number > 0 "
+                        "centres: the surface sits ~1.7 std outside a layer of Gaussians, sparse or dense) or a number > 0 "
                         "(absolute; a lone Gaussian of opacity o peaks at o)")
     p.add_argument("--auto-level-ratio", type=float, default=d.auto_level_ratio,
                    help="with --isosurface-threshold auto: the level as a fraction of the median density at the centres, in (0, 1)")

@@ -46,7 +46,7 @@ class GsplatMeshExporter(Exporter):
         bounds: Any = "auto"
         crop_to_bounds: bool = False
         isosurface_threshold: Any = "auto"
-        auto_level_ratio: float = 0.5
+        auto_level_ratio: float = 0.25
         min_opacity: float = 0.005
         cutoff_sigma: float = 3.0
         chunk_size: int = 4_194_304
@@ -55,7 +55,7 @@ class GsplatMeshExporter(Exporter):
         density_min_sigma_voxels: float = 1.5
         min_component_fraction: float = 0.05
         smooth_iterations: int = 0
-        decimate_target: int = 100_000
+        decimate_target: int = 30_000
         texture_size: int = 1024
         color_mode: str = "dc"
         color_knn: int = 16
