@@ -101,7 +101,8 @@ def main() -> int:
     folder = args.keep or tempfile.mkdtemp(prefix="mesh-figure-")
     ply = G.save_gaussians_ply(os.path.join(folder, "gaussians.ply"), params)
     # the CLI's call: scoredistill mesh gaussians.ply <folder> --resolution 192 --texture-size 512 --decimate-target 20000
-    paths, result = M.export_ply_to_mesh(ply, folder, "model", resolution=192, texture_size=512, decimate_target=20000)
+    # up_axis="z": the mesh is drawn from the cameras of the Gaussians, in their (threestudio) frame
+    paths, result = M.export_ply_to_mesh(ply, folder, "model", resolution=192, texture_size=512, decimate_target=20000, up_axis="z")
     print("wrote", *paths)
     print("stats", {k: round(v, 4) for k, v in result.stats.items()})
     import trimesh
