@@ -202,7 +202,8 @@ def _add_mesh_parser(sub) -> None:
     p.add_argument("--formats", default=",".join(d.formats), help=f"comma-separated, any of {', '.join(FORMATS)} (NAME.json is always written)")
     p.add_argument("--up-axis", default=d.up_axis, choices=list(UP_AXES),
                    help="up axis of every file: y (glTF's; threestudio (x, y, z) -> (x, z, -y)) or z (threestudio's frame)")
-    p.add_argument("--device", default=None, help="torch device of the density grid and texture, e.g. cuda (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="torch device of the density grid, UV rasterization and colours: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -236,7 +237,12 @@ def _run_mesh(args) -> int:
             smooth_iterations=args.smooth_iterations, texture_size=args.texture_size, decimate_target=args.decimate_target,
             color_mode=args.color_mode, formats=[f for f in args.formats.split(",") if f], up_axis=args.up_axis,
         )
-        paths, result = export_ply_to_mesh(args.ply, args.out_dir, name=args.name, device=args.device,
+        device = args.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        paths, result = export_ply_to_mesh(args.ply, args.out_dir, name=args.name, device=device,
                                            progress=not args.quiet, **settings)
     except (ValueError, OSError, OverflowError) as e:
         print(f"scoredistill mesh: {e}", file=sys.stderr)

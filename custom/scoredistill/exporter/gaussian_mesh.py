@@ -484,13 +484,18 @@ def fill_cavities(vol: np.ndarray, level: float, fill_ratio: float = 0.5) -> Tup
     from scipy import ndimage
 
     raised = np.zeros(vol.shape, dtype=bool)
-    # the shell at the lower level, its pin holes (1-2 voxels, where few Gaussians overlap on a coarse grid) closed
-    # morphologically; then the usual fill at the level
-    occ = np.pad(vol >= float(fill_ratio) * level, 3)
-    occ = (ndimage.binary_closing(occ, iterations=2) | occ)[3:-3, 3:-3, 3:-3]
-    raised |= ndimage.binary_fill_holes(occ) & ~occ
-    occ = (vol >= level) | raised
-    raised |= ndimage.binary_fill_holes(occ) & ~occ
+    # the shell at the lower level, then at the level, each with its pin holes (1-2 voxels, where few Gaussians
+    # overlap on a coarse grid) closed morphologically: the band between the shell and the filled cavity that a
+    # pin hole would join to the outside is filled too (it left an inner body on the cube)
+    # (voxels within 2 of the closed shell's exterior are never raised: the closing's fill of outer creases and pin
+    # holes stays out of the surface, which stays on the level set there)
+    for t in (float(fill_ratio) * level, float(level)):
+        occ = (vol >= t) | raised
+        closed = np.pad(occ, 3)
+        closed = (ndimage.binary_closing(closed, iterations=2) | closed)[3:-3, 3:-3, 3:-3]
+        inside = ndimage.binary_fill_holes(closed)
+        near_outside = ndimage.binary_dilation(~inside, iterations=2)
+        raised |= inside & ~occ & ~near_outside
     count = int(raised.sum())
     if count:
         vol = vol.copy()
