@@ -109,7 +109,7 @@ def _suite_main(args) -> int:
                     print(runner.summarize(states))
                     return 0
             else:
-                gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+                gpus = None if args.gpus is None else runner.check_gpus(args.gpus, "--gpus")
                 states = runner.run_local(suite, gpus=gpus)
             print(runner.summarize(states))
             return 0 if all(s.get("status") == "done" for s in states.values()) else 1
@@ -117,17 +117,20 @@ def _suite_main(args) -> int:
         if os.path.isfile(target):
             target = spec.load_suite(target).output_dir
         if args.suite_command == "status":
-            from .suite.state import read_state
+            from .suite.state import safe_read_state
 
-            states = {r.run_id: read_state(r.run_dir) for r in runner.load_runs(target)}
+            states = {r.run_id: safe_read_state(r.run_dir) for r in runner.load_runs(target)}
             print(runner.summarize(states))
             return 0
         from .suite import report
 
         report.write_report(target, args.out, args.clip_model or [report.DEFAULT_CLIP], args.device, args.panel)
         return 0
-    except (spec.SuiteError, FileNotFoundError, RuntimeError) as e:
-        print(f"scoredistill suite: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:  # SuiteError, StateError, unwritable folders: one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"scoredistill suite: {msg}", file=sys.stderr)
         return 2
 
 
