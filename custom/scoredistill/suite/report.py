@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .runner import load_runs
 from .spec import Run
-from .state import atomic_write_json, atomic_write_text, find_test_video, read_json, read_state
+from .state import atomic_write_json, atomic_write_text, csv_safe, find_test_video, read_json, safe_read_state
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 BIGG_CLIP = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
@@ -100,7 +100,7 @@ def collect(output_dir: str, clip_models: Sequence[str] = (DEFAULT_CLIP,), devic
     rows = []
     loaded: Dict[str, _Clip] = {}
     for run in load_runs(output_dir):
-        st = read_state(run.run_dir)
+        st = safe_read_state(run.run_dir)  # an unreadable state.json: that run is reported failed
         unet = st.get("unet") or read_json(os.path.join(run.run_dir, "unet_samples.json")) or {}
         row: Dict[str, Any] = {
             "run_id": run.run_id, "method": run.method, "prompt": run.prompt, "prompt_source": run.prompt_source,
@@ -131,7 +131,7 @@ def to_csv(rows: List[Dict[str, Any]], clip_cols: Sequence[str]) -> str:
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+        w.writerow({k: ("" if r.get(k) is None else csv_safe(r.get(k))) for k in fields})  # no formula cells
     return buf.getvalue()
 
 

@@ -45,6 +45,18 @@ def read_json(path: str, default: Any = None) -> Any:
                          "remove it (or its run folder) to run that run again") from None
 
 
+#: first characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection")
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (``=HYPERLINK(...)`` as a prompt) prefixed with ``'``,
+    which spreadsheets show as text; numbers and other text are returned unchanged."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def state_path(run_dir: str) -> str:
     return os.path.join(run_dir, "state.json")
 
