@@ -291,6 +291,7 @@ def _visible_gpu(gpu: int) -> str:
 
 def check_gpus(gpus: Any, where: str = "suite.gpus") -> List[int]:
     """A non-empty list of distinct GPU indices >= 0 (one worker each), else :class:`SuiteError` naming ``where``."""
+    given = gpus
     if isinstance(gpus, str):
         parts = [g.strip() for g in gpus.split(",")]
         if not all(parts) or not all(re.fullmatch(r"\d+", g) for g in parts):
@@ -299,9 +300,9 @@ def check_gpus(gpus: Any, where: str = "suite.gpus") -> List[int]:
         gpus = [int(g) for g in parts]
     gpus = list(gpus)
     if not gpus or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus):
-        raise SuiteError(f"{where}: expected a non-empty list of GPU indices >= 0 (one worker each), got {gpus!r}")
+        raise SuiteError(f"{where}: expected a non-empty list of GPU indices >= 0 (one worker each), got {given!r}")
     if len(set(gpus)) != len(gpus):
-        raise SuiteError(f"{where}: duplicate GPU indices in {gpus!r}")
+        raise SuiteError(f"{where}: duplicate GPU indices in {given!r}")
     return gpus
 
 
