@@ -443,6 +443,18 @@ def test_data_settings_are_refused_in_the_systems_setup_hook(threestudio_module,
 
 
 @pytest.mark.threestudio
+def test_data_settings_are_refused_in_configure_under_launch_py(threestudio_module, monkeypatch):
+    # launch.py makes `dm` and then the system: the system's configure finds it and checks data.* before Shap-E
+    from threestudio.data.uncond import RandomCameraDataModule
+
+    monkeypatch.setattr(G, "run_shap_e", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Shap-E ran first")))
+    cfg = _system_cfg("vdm-gs.yaml", "system.prompt_processor.prompt=a red ball")
+    dm = RandomCameraDataModule({"batch_size": 0})  # noqa: F841  (what launch.py holds while building the system)
+    with pytest.raises(ValueError, match=r"^data.batch_size must be an integer >= 1"):
+        threestudio_module.find("gsplat-system")(cfg)
+
+
+@pytest.mark.threestudio
 @pytest.mark.slow
 def test_data_batch_size_zero_through_launch_is_refused_before_sd_loads(tiny_sd, tmp_path):
     # before: the run started, loaded SD and failed mid-training

@@ -224,6 +224,9 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
     import threestudio
 
     cfg = system.cfg
+    dm = launch_datamodule()
+    if dm is not None:  # launch.py: its data.* settings too, before the geometry (Shap-E) is built
+        validate_data_settings(dm.cfg, "data")
     validate_prompt_settings(cfg.prompt_processor_type, cfg.prompt_processor)
     source_prompt = getattr(cfg, "source_prompt", None)
     if source_prompt is not None and (not isinstance(source_prompt, str) or not source_prompt.strip()):
@@ -395,6 +398,35 @@ def validate_data_settings(data: Any, prefix: str = "data") -> None:
     v = d.get("eval_fovy_deg")
     if "eval_fovy_deg" in d and not (_is_number(v) and 0 < v < 180):
         raise ValueError(f"{prefix}.eval_fovy_deg must be a number in (0, 180) degrees, got {v!r}")
+
+
+def launch_datamodule(max_depth: int = 40):
+    """The datamodule that threestudio's ``launch.py`` built just before the system (its local ``dm``), found on the
+    call stack while the system is being configured, or ``None`` (another caller).
+
+    launch.py makes ``dm = threestudio.find(cfg.data_type)(cfg.data)`` and then the system, whose ``configure``
+    builds the geometry (Shap-E by default) -- so looking the datamodule up here lets its ``data.*`` settings be
+    checked before anything loads.  The system's ``setup`` hook checks them again through the trainer
+    (:func:`validate_trainer_settings`) for any other caller.
+    """
+    import inspect
+
+    try:
+        import pytorch_lightning as pl
+    except ImportError:  # pragma: no cover
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            dm = frame.f_locals.get("dm")
+            if isinstance(dm, pl.LightningDataModule) and getattr(dm, "cfg", None) is not None:
+                return dm
+        return None
+    finally:
+        del frame
 
 
 def validate_trainer_settings(trainer) -> None:
