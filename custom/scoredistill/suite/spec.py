@@ -28,6 +28,12 @@ with ``CUDA_VISIBLE_DEVICES`` set to the run's GPU, so its trial folder is ``RUN
 samples (:mod:`scoredistill.suite.count_launch`); in the launcher ``{python}`` is replaced by the runner's
 Python and ``{count_launch}`` by the path of ``count_launch.py``.  Tests put ``tests/harness/cpu_launch.py`` between the counter and launch.py.
 
+Overrides (``overrides:`` of the suite or of a config) may not set what the runner sets for every run
+(:data:`RUNNER_SETTINGS`: ``exp_root_dir``, ``name``, ``tag``, ``use_timestamp``, ``trial_dir``, ``timestamp``,
+``seed``, ``resume``, the prompt): one would move the trial out of ``RUN_DIR`` -- ``tag=../../x`` wrote outside
+``output_dir`` and the run was "failed: no test video" on every rerun.  Every run folder must resolve inside
+``output_dir`` (no symbolic link out of it).
+
 Prompts are passed as a command-line override, which OmegaConf parses as YAML: a prompt that would not come
 back as the same string (``a: b``, ``null``, ``123``) is quoted; one containing ``${`` is refused.
 """
