@@ -206,18 +206,27 @@ def test_a_runner_lock_symlinked_elsewhere_is_refused_and_its_target_kept(tmp_pa
     assert victim.read_text() == "important" and calls(tmp_path) == []
 
 
-def test_a_log_symlinked_elsewhere_fails_the_run_and_keeps_its_target(tmp_path):
-    # before: open(log, "w") truncated the link's target and wrote launch.py's output into it
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_log_symlinked_elsewhere_fails_the_run_and_keeps_its_target(tmp_path, what):
+    # before: open(log, "w") truncated the link's target and wrote launch.py's output into it (or into the
+    # folder logs/ links to)
     path = fake_suite(tmp_path, ["a cat", "a dog"], configs=("a",), gpus=(0,))
     suite = spec.load_suite(path)
     cat = next(r for r in suite.runs() if r.prompt == "a cat")
-    os.makedirs(os.path.join(cat.run_dir, "logs"))
     victim = tmp_path / "victim.txt"
     victim.write_text("important")
-    os.symlink(victim, os.path.join(cat.run_dir, "logs", "attempt-1.log"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if what == "file":
+        os.makedirs(os.path.join(cat.run_dir, "logs"))
+        os.symlink(victim, os.path.join(cat.run_dir, "logs", "attempt-1.log"))
+    else:
+        os.makedirs(cat.run_dir)
+        os.symlink(elsewhere, os.path.join(cat.run_dir, "logs"))
     states = runner.run_local(suite, log=lambda *a: None)
-    assert victim.read_text() == "important"
-    assert states[cat.run_id]["status"] == "failed" and "attempt-1.log is a symbolic link" in states[cat.run_id]["reason"]
+    assert victim.read_text() == "important" and os.listdir(elsewhere) == []
+    assert states[cat.run_id]["status"] == "failed"
+    assert ("attempt-1.log" if what == "file" else "logs") + " is a symbolic link" in states[cat.run_id]["reason"]
     assert states[next(r.run_id for r in suite.runs() if r.prompt == "a dog")]["status"] == "done"
 
 

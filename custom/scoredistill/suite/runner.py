@@ -189,6 +189,7 @@ def execute_run(run: Run, gpu: Optional[str] = None, stop: Optional[threading.Ev
     symbolic link where a log goes) fail this run only: the returned state says why.
     """
     try:
+        _check_run_dir(run)
         with held_lock(os.path.join(run.run_dir, RUN_LOCK), f"run {run.run_id}"):
             return _execute_locked(run, gpu, stop, extra_state, log)
     except Busy:
@@ -202,12 +203,21 @@ def execute_run(run: Run, gpu: Optional[str] = None, stop: Optional[threading.Ev
         return {**safe_read_state(run.run_dir), "status": "failed", "reason": msg}
 
 
-def _execute_locked(run: Run, gpu, stop, extra_state, log) -> Dict[str, Any]:
-    out_dir = os.path.dirname(os.path.dirname(os.path.dirname(run.run_dir)))  # RUN_DIR = OUTPUT_DIR/runs/<method>/<tag>
+def _check_run_dir(run: Run) -> None:
+    """``RUN_DIR`` (``OUTPUT_DIR/runs/<method>/<tag>``) and its ``logs/`` resolve where they are named: no symbolic
+    link on the way, so nothing of the run is written outside ``suite.output_dir``."""
+    out_dir = os.path.dirname(os.path.dirname(os.path.dirname(run.run_dir)))
     expected = os.path.join(os.path.realpath(out_dir), os.path.relpath(run.run_dir, out_dir))
     if os.path.realpath(run.run_dir) != expected:
         raise SuiteError(f"run {run.run_id}: its folder {run.run_dir} resolves to {os.path.realpath(run.run_dir)} "
                          f"(a symbolic link?), not to {expected} inside suite.output_dir; refusing to write there")
+    logs = os.path.join(run.run_dir, "logs")
+    if os.path.islink(logs):
+        raise SuiteError(f"run {run.run_id}: {logs} is a symbolic link (to {os.readlink(logs)}); refusing to write "
+                         "logs through it: remove it")
+
+
+def _execute_locked(run: Run, gpu, stop, extra_state, log) -> Dict[str, Any]:
     if is_finished(run.run_dir, run.trial_dir):
         return read_state(run.run_dir)
     prev = read_state(run.run_dir)
