@@ -41,8 +41,10 @@ def read_json(path: str, default: Any = None) -> Any:
     except FileNotFoundError:
         return default
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        hint = ("remove it (or its run folder) to run that run again" if os.path.basename(path) == "state.json"
+                else "`scoredistill suite run` rewrites it")
         raise StateError(f"{path} is not a readable JSON file ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         "remove it (or its run folder) to run that run again") from None
+                         f"{hint}") from None
 
 
 #: first characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection")
