@@ -305,6 +305,17 @@ def test_ply_values_out_of_range_are_refused_naming_the_file(tmp_path, key, valu
         G.load_gaussians_ply(path, setting="system.geometry.init_path")
 
 
+@pytest.mark.threestudio
+def test_an_extreme_ply_as_init_path_is_refused_when_the_geometry_is_built(threestudio_module, tmp_path):
+    # before: accepted; the run crashed mid-training (exp(100) overflows float32)
+    p = _params()
+    p["scales"][4, 2] = 100.0
+    path = G.save_gaussians_ply(str(tmp_path / "init.ply"), p)
+    with pytest.raises(ValueError, match=r"^system.geometry.init_path = '.*init.ply': the PLY holds values out of "
+                                         r"range: scale_\* \(log-scales\) of 1 Gaussians"):
+        threestudio_module.find("gsplat-gaussian-splatting")({"init": "ply", "init_path": path})
+
+
 def test_all_zero_rotation_is_refused(tmp_path):
     p = _params()
     p["quats"][1] = 0.0
