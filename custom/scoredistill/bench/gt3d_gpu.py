@@ -210,7 +210,9 @@ def launch(args: List[str], root: str, log_path: str, deadline: float, probe_pat
     cmd += ([] if cuda else [os.path.join(B.HARNESS, "cpu_launch.py")]) + ["launch.py"] + args
     env = dict(os.environ)
     paths = [os.path.join(B.REPO, "custom")] + ([] if cuda else [os.path.join(B.HARNESS, "stubs")])
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # launch.py runs in the threestudio tree: relative entries (e.g. the GPU kit's .gpu-kit/stubs) made absolute
+    paths += [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
                 "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"), **(env_extra or {})})
     if probe_path:
@@ -258,6 +260,8 @@ def summarise_probe(probe: Dict) -> Dict:
            "device": probe.get("device")}
     if out["steps_done"] is not None and out["max_steps"]:
         out["fraction"] = out["steps_done"] / out["max_steps"]
+        if out["s_per_it_median"] is not None:  # an ESTIMATE: median s/it of the steps run x max_steps
+            out["full_schedule_min_ESTIMATE"] = out["s_per_it_median"] * out["max_steps"] / 60.0
     return out
 
 
@@ -275,7 +279,11 @@ def status_of(res: Dict) -> str:
     return f"ended ({res.get('stop_reason')}, test {'done' if res.get('test_done') else 'not done'})"
 
 
-def mesh_export(trial: str, root: str, deadline: float, scene: str, log_path: str) -> Dict:
+#: mesh exporter settings at CPU scale (the GPU scale keeps the exporter's defaults: 256³ grid, 1024² texture)
+CPU_MESH = ["system.exporter.resolution=64", "system.exporter.texture_size=128", "system.exporter.decimate_target=5000"]
+
+
+def mesh_export(trial: str, root: str, deadline: float, scene: str, log_path: str, extra: Sequence[str] = ()) -> Dict:
     """``launch.py --export`` of a Gaussian trial with the pack's ``gsplat-mesh-exporter`` from ``last.ckpt``;
     returns ``{"mesh": status, "mesh_chamfer": ..., "mesh_faces": ...}``."""
     ckpt = os.path.join(trial, "ckpts", "last.ckpt")
@@ -284,7 +292,7 @@ def mesh_export(trial: str, root: str, deadline: float, scene: str, log_path: st
     if deadline - time.time() < 20:
         return {"mesh": "not exported: wall budget spent"}
     r = launch(["--config", os.path.join(trial, "configs", "parsed.yaml"), "--export", "--gpu", "0",
-                f"resume={ckpt}", "system.exporter_type=gsplat-mesh-exporter"], root, log_path, deadline)
+                f"resume={ckpt}", "system.exporter_type=gsplat-mesh-exporter", *extra], root, log_path, deadline)
     if r["killed"]:
         return {"mesh": "killed at the wall budget", "mesh_seconds": r["seconds"]}
     objs = glob.glob(os.path.join(trial, "save", "*export*", "*.obj")) + glob.glob(os.path.join(trial, "save", "*export*", "*.glb"))
@@ -316,6 +324,8 @@ class Bench:
         self.res = self.args.reserves
         self.results: List[Dict] = []
         self.gt = None
+        self.extra_meta: Dict = {}
+        self._nerfacc = None
 
     def log(self, msg: str) -> None:
         print(f"[gt3d_gpu {time.time() - self.t0:6.0f} s] {msg}", flush=True)
@@ -332,7 +342,7 @@ class Bench:
                 "component_std": a.component_std, "cameras": "eval", "reserves_s": self.res,
                 "device": torch.cuda.get_device_name() if self.cuda else f"CPU ({os.cpu_count()} cores)",
                 "torch": torch.__version__, "not_own_settings": NOT_OWN,
-                "priors": getattr(self, "prior_info", {})}
+                "priors": getattr(self, "prior_info", {}), **self.extra_meta}
 
     def write(self) -> None:
         from scoredistill.atomic_io import atomic_write_json, atomic_write_text
@@ -361,8 +371,53 @@ class Bench:
             self.prior_info[key] = info
         return out
 
+    def start_nerfacc_build(self) -> None:
+        """On CUDA: build (JIT) nerfacc's CUDA extension once, in the background while the prior is built, so
+        that the NeRF runs do not each wait for it inside their own time (the extension cache is shared)."""
+        self._nerfacc = None
+        if not self.cuda:
+            return
+        self._nerfacc_log = os.path.join(self.args.work, "logs", "nerfacc_build.log")
+        os.makedirs(os.path.dirname(self._nerfacc_log), exist_ok=True)
+        self._nerfacc_t0 = time.time()
+        with open(self._nerfacc_log, "w") as fh:
+            self._nerfacc = subprocess.Popen(
+                [sys.executable, "-c", "from nerfacc.cuda._backend import _C; print('nerfacc_C', _C is not None)"],
+                cwd="/tmp", stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_nerfacc(self) -> None:
+        with _LOCK:
+            p = self._nerfacc
+            if p is None or "nerfacc_build" in self.extra_meta:
+                return
+        try:
+            p.wait(timeout=max(1.0, self.deadline - self.res["score"] - self.res["finish"] - time.time()))
+        except subprocess.TimeoutExpired:
+            _kill_group(p)
+            p.wait()
+        with _LOCK:
+            if "nerfacc_build" not in self.extra_meta:
+                ok = "nerfacc_C True" in _tail(self._nerfacc_log)
+                self.extra_meta["nerfacc_build"] = {"ok": ok, "seconds": time.time() - self._nerfacc_t0}
+                self.log(f"nerfacc CUDA extension: {'ok' if ok else 'FAILED'} after "
+                         f"{self.extra_meta['nerfacc_build']['seconds']:.0f} s")
+
+    def prior_link(self, prior: str, key: str) -> str:
+        """A per-run path (symlink) to the shared prior folder.  threestudio's prompt processor caches text
+        embeddings under ``.threestudio_cache`` of the threestudio tree keyed by (model path, prompt) and checks
+        only that a file exists: runs starting together with one path could read each other's half-written
+        files.  A path per run gives each its own cache entries."""
+        link = os.path.join(self.args.work, "prior-links", key)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(prior, link)
+        return link
+
     def run_config(self, name: str, kind: str, seed: int, priors: Dict[str, str]) -> Dict:
         a = self.args
+        if kind.startswith("nerf"):
+            self.wait_nerfacc()
         root = B.threestudio_root()
         exp_root = os.path.join(a.work, "runs", f"seed{seed}")
         os.makedirs(exp_root, exist_ok=True)
@@ -371,11 +426,13 @@ class Bench:
         rec = {"config": name, "kind": kind, "seed": seed, "scene": a.scene, "encodings": encodings_of(kind, self.cuda)}
         t0 = time.time()
         source_ckpt = None
-        prior = priors["prior-edit"] if kind.endswith("edit") else priors["prior"]
+        prior_dir = priors["prior-edit"] if kind.endswith("edit") else priors["prior"]
+        prior = self.prior_link(prior_dir, f"{name}-seed{seed}")
         train_s = self.train_seconds_left()
         if kind == "nerf-edit":  # its source: a uds-nerf run on the recoloured cube (stated share of the time)
             src_s = max(5.0, EDIT_SOURCE_SHARE * train_s)
-            src_o = run_overrides("uds-nerf", "nerf", a.edit_source, seed, prior, os.path.join(exp_root, "edit-source"),
+            src_o = run_overrides("uds-nerf", "nerf", a.edit_source, seed, self.prior_link(prior_dir, f"{name}-source-seed{seed}"),
+                                  os.path.join(exp_root, "edit-source"),
                                   src_s, a.scale, self.cuda, test_views=1, cpu_steps=a.cpu_steps)
             r = launch(["--config", os.path.join(B.CONFIGS, "uds-nerf.yaml"), "--train", "--gpu", "0"] + src_o, root,
                        os.path.join(logs, f"{name}-source-seed{seed}.log"),
@@ -411,7 +468,8 @@ class Bench:
         rec["status"] = status_of(rec)
         if kind.startswith("gs") and not r["killed"] and r["rc"] == 0 and not a.no_mesh:
             rec.update(mesh_export(trial, root, self.deadline - self.res["score"], a.scene,
-                                   os.path.join(logs, f"{name}-seed{seed}.export.log")))
+                                   os.path.join(logs, f"{name}-seed{seed}.export.log"),
+                                   CPU_MESH if a.scale == "cpu" else ()))
         try:
             if self.deadline - time.time() > 5:
                 rec.update(self.score(trial, kind))
@@ -455,6 +513,8 @@ class Bench:
         from scoredistill.cli import link
 
         link(B.threestudio_root())
+        if any(k.startswith("nerf") for k in kinds.values()):
+            self.start_nerfacc_build()
         priors = self.build_priors(list(kinds.values()))
         self.write()
         jobs = [(n, kinds[n], s) for s in a.seeds for n in names]
@@ -516,8 +576,9 @@ def markdown(data: Dict) -> str:
              f"{m['prior_views']} renders per scene at {m['prior_render_size']}². Not the configs' own: "
              f"{m['not_own_settings']}. Command: `{m['command']}`.", "",
              "| config | status | steps / max_steps | s/it (median) | peak GiB (alloc.) | Gaussians (start → end) | "
+             "whole schedule, min (estimate: s/it × max_steps) | "
              "PSNR ↑ | SSIM ↑ | mask IoU ↑ | Chamfer centres ↓ | mesh Chamfer ↓ | UNet samples | wall s | renderer |",
-             "|" + "---|" * 14]
+             "|" + "---|" * 15]
     for r in sorted(data["rows"], key=lambda r: (r["config"], r["seed"])):
         g = r.get("gaussians") or []
         gs = f"{g[0][1]} → {g[-1][1]}" if g else "–"
@@ -527,6 +588,7 @@ def markdown(data: Dict) -> str:
             f"`{r['config']}`" + (f" (seed {r['seed']})" if r.get("seed") else ""), str(r.get("status", "–")), steps,
             _f(r.get("s_per_it_median"), "{:.3f}"),
             _f(r.get("peak_allocated_gib")) if r.get("peak_allocated_gib") is not None else _f(r.get("peak_rss_gib"), "{:.2f} (RSS)"), gs,
+            _f(r.get("full_schedule_min_ESTIMATE"), "{:.1f}"),
             _f(r.get("psnr")), _f(r.get("ssim"), "{:.3f}"), _f(r.get("iou"), "{:.3f}"),
             _f(r.get("chamfer"), "{:.3f}"), mesh, str(r.get("unet_samples", "–")), _f(r.get("wall_seconds"), "{:.0f}"),
             r.get("encodings", "–")]) + " |")
@@ -616,7 +678,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help="results folder (a few files: JSON, markdown, grid, log tar)")
-    ap.add_argument("--work", default=None, help="runs and prior (default <out>/work)")
+    ap.add_argument("--work", default=None, help="runs and prior (default <out>-work, beside --out: keep --out to the few "
+                                                  "result files)")
     ap.add_argument("--budget", type=float, default=480.0, help="wall budget in seconds for everything, prior included")
     ap.add_argument("--scale", choices=("gpu", "cpu"), default=None,
                     help="gpu: the configs' own settings; cpu: 32² renders, a few steps (CI). Default: gpu when CUDA is there")
@@ -664,7 +727,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args.reserves = {k: (getattr(args, f"reserve_{k}") if getattr(args, f"reserve_{k}") is not None else v)
                      for k, v in base.items()}
     args.out = os.path.abspath(args.out)
-    args.work = os.path.abspath(args.work or os.path.join(args.out, "work"))
+    args.work = os.path.abspath(args.work or args.out.rstrip(os.sep) + "-work")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     return args
