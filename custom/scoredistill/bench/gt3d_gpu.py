@@ -133,11 +133,15 @@ def max_time_arg(seconds: float) -> str:
     return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def encodings_of(kind: str, cuda: bool) -> str:
+def encodings_of(name: str, kind: str, cuda: bool) -> str:
+    """The row's renderer and encodings, as run."""
     if kind.startswith("gs"):
         return "gsplat (CUDA)" if cuda else "gsplat CPU fallback"
     if cuda:
-        return "nerf-volume-renderer (nerfacc CUDA), pure-torch encodings / MLPs"
+        from omegaconf import OmegaConf
+
+        renderer = str(OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml")).system.get("renderer_type", "?"))
+        return f"{renderer} (nerfacc CUDA), pure-torch encodings / MLPs"
     return "kernel-smoothed-volume-renderer (CPU), pure-torch encodings, 16-neuron MLP"
 
 
@@ -423,7 +427,7 @@ class Bench:
         os.makedirs(exp_root, exist_ok=True)
         logs = os.path.join(a.work, "logs")
         os.makedirs(logs, exist_ok=True)
-        rec = {"config": name, "kind": kind, "seed": seed, "scene": a.scene, "encodings": encodings_of(kind, self.cuda)}
+        rec = {"config": name, "kind": kind, "seed": seed, "scene": a.scene, "encodings": encodings_of(name, kind, self.cuda)}
         t0 = time.time()
         source_ckpt = None
         prior_dir = priors["prior-edit"] if kind.endswith("edit") else priors["prior"]
