@@ -470,7 +470,11 @@ class Bench:
         trial = os.path.join(exp_root, name, a.scene)
         rec["trial"] = trial
         rec["status"] = status_of(rec)
-        if kind.startswith("gs") and not r["killed"] and r["rc"] == 0 and not a.no_mesh:
+        tested = bool(B._step_images(trial, "it*-test/*.png"))
+        if r["rc"] not in (0, None) and not r["killed"] and tested:
+            # e.g. the test video needs an mp4 writer (imageio-ffmpeg): the test images, PLY and checkpoint are there
+            rec["status"] = f"trained and test images written, then failed (exit {r['rc']}): {rec.get('error', '')}"
+        if kind.startswith("gs") and not r["killed"] and (r["rc"] == 0 or tested) and not a.no_mesh:
             rec.update(mesh_export(trial, root, self.deadline - self.res["score"], a.scene,
                                    os.path.join(logs, f"{name}-seed{seed}.export.log"),
                                    CPU_MESH if a.scale == "cpu" else ()))
