@@ -99,3 +99,31 @@ def test_default_out_is_a_scratch_folder_for_both_commands():
     assert b.DEFAULT_OUT == os.path.join("outputs", "gt3d") and g.DEFAULT_OUT.startswith("outputs")
     src = open(b.__file__).read()
     assert "weights_only=False" not in src and "--lr-scale``, default 10" in src
+
+
+def test_probe_stops_training_at_the_wall_deadline_and_records_it(tmp_path):
+    """The recording callback sets ``trainer.should_stop`` once the absolute training deadline has passed, and the
+    record says why training ended, the Gaussian count and the steps."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from scoredistill.bench import gt3d_probe as p
+
+    out = str(tmp_path / "probe.json")
+    module = SimpleNamespace(geometry=SimpleNamespace(params={"means": torch.zeros(7, 3)}))
+    for until, stop, reason in ((time.time() - 1, True, "wall_deadline"), (time.time() + 3600, False, "other")):
+        cb = p.make_callback(out, every=1, until=until)
+        trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False, callbacks=[])
+        cb.on_train_start(trainer, module)
+        cb.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step = 1
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+        assert trainer.should_stop is stop
+        cb.on_train_end(trainer, module)
+        rec = json.load(open(out))
+        assert rec["stop_reason"] == reason and rec["train_end_step"] == 1 and rec["max_steps"] == 100
+        assert rec["gaussians"] == [[0, 7], [1, 7]] and len(rec["step_seconds"]) == 1
+    assert "training deadline" in g.status_of({"rc": 0, "stop_reason": "wall_deadline", "steps_done": 1,
+                                                "max_steps": 100, "fraction": 0.01})

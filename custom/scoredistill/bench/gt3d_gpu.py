@@ -24,8 +24,10 @@ What is not the config's own (stated in every results file):
   recorded per row as ``encodings``; ``hifa`` a tiny random DPT with its disparity term off (no DPT weights);
 * ``uds-edit-nerf`` edits a NeRF checkpoint: a source run (``uds-nerf.yaml`` on the recoloured cube, a stated
   share of the row's time) writes it first, then the edit runs on it;
-* **the wall budget**: each run gets ``trainer.max_time`` (Lightning's own stop) = the training time left inside
-  ``--budget``; a schedule that cannot finish runs its first ``global_step / max_steps`` (its schedules keep
+* **the wall budget**: training stops at an absolute time, ``--budget`` less the finish (test, PLY, mesh) and
+  scoring reserves (``trainer.should_stop`` from the recording callback, so slow start-ups of many processes
+  at once do not shift it), with Lightning's ``trainer.max_time`` as the backstop (``--max-train-seconds``:
+  max_time alone, per run); a schedule that cannot finish runs its first ``global_step / max_steps`` (its schedules keep
   their full length: the fraction is a prefix of the real schedule, stated in the row as ``fraction``), and
   then still tests and exports.  A process still alive at the budget is killed (its recorded steps, memory and
   validation curve are kept; the row says ``killed at the wall budget``).
@@ -277,8 +279,9 @@ def status_of(res: Dict) -> str:
         return f"failed (exit {res['rc']}): {res.get('error', '')}"
     if res.get("stop_reason") == "max_steps" and res.get("test_done"):
         return "finished the whole schedule"
-    if res.get("stop_reason") == "max_time":
-        return (f"stopped by the wall budget (trainer.max_time) at step {res.get('steps_done')} of "
+    if res.get("stop_reason") in ("max_time", "wall_deadline"):
+        how = "trainer.max_time" if res["stop_reason"] == "max_time" else "training deadline"
+        return (f"stopped by the wall budget ({how}) at step {res.get('steps_done')} of "
                 f"{res.get('max_steps')} ({100 * (res.get('fraction') or 0):.1f} % of the schedule), then tested")
     return f"ended ({res.get('stop_reason')}, test {'done' if res.get('test_done') else 'not done'})"
 
@@ -451,14 +454,19 @@ class Bench:
                 rec["wall_seconds"] = time.time() - t0
                 return rec
             train_s = self.train_seconds_left()
-        o = run_overrides(name, kind, a.scene, seed, prior, exp_root, max(5.0, train_s), a.scale, self.cuda,
+        # the training stop: at an absolute time (the probe; the time left after the finish and scoring reserves),
+        # and Lightning's max_time as the backstop (or, with --max-train-seconds, the stop itself)
+        until = self.deadline - self.res["finish"] - self.res["score"]
+        max_time = train_s if a.max_train_seconds is not None else train_s + self.res["startup"]
+        o = run_overrides(name, kind, a.scene, seed, prior, exp_root, max(5.0, max_time), a.scale, self.cuda,
                           source_ckpt=source_ckpt, source_scene=a.edit_source, test_views=a.test_views,
                           cpu_steps=a.cpu_steps)
         probe_path = os.path.join(logs, f"{name}-seed{seed}.probe.json")
         log_path = os.path.join(logs, f"{name}-seed{seed}.log")
         r = launch(["--config", os.path.join(B.CONFIGS, name + ".yaml"), "--train", "--gpu", "0"] + o, root, log_path,
                    self.deadline - self.res["score"], probe_path=probe_path,
-                   env_extra={"SCOREDISTILL_GT_UNET_COUNT_FILE": os.path.join(logs, f"{name}-seed{seed}.unet.json")})
+                   env_extra={"SCOREDISTILL_GT_UNET_COUNT_FILE": os.path.join(logs, f"{name}-seed{seed}.unet.json"),
+                              "SCOREDISTILL_GT3D_TRAIN_UNTIL": repr(until)})
         rec.update({"rc": r["rc"], "killed": r["killed"], "launch_seconds": r["seconds"]})
         if os.path.isfile(probe_path):
             rec.update(summarise_probe(json.load(open(probe_path))))
@@ -566,7 +574,7 @@ class Bench:
 NOT_OWN = ("prompt and prior (ground-truth 3D prior); cameras: the benchmark's eval setting (distance 2, fovy 70, "
            "elevation [-10, 45], no perturbation); data.n_val_views=4; guidance.half_precision_weights=false; "
            "Gaussian configs: sphere init; NeRF configs: pure-torch encodings/MLPs (GPU), hifa a tiny random DPT with "
-           "lambda_disparity=0; trainer.max_time = the training time left in the wall budget")
+           "lambda_disparity=0; training stopped at the wall budget's training deadline (a prefix of the schedule)")
 
 
 # ------------------------------------------------------------------------------------------ outputs

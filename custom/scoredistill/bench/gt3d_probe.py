@@ -14,7 +14,8 @@ killed at the wall budget keeps what it measured:
 * ``step_seconds``: wall seconds of every training batch (CUDA synchronised), ``global_step``, ``max_steps``;
 * ``gaussians``: ``[(step, count), ...]`` of Gaussian configs (every ``EVERY`` steps and at the end);
 * ``peak_allocated_bytes`` / ``peak_reserved_bytes`` (CUDA, the whole process), ``peak_rss_bytes`` (CPU);
-* ``train_end_step``, ``stop_reason`` (``max_steps`` / ``max_time`` / ``other``), ``test_done``.
+* ``train_end_step``, ``stop_reason`` (``max_steps`` / ``wall_deadline`` (``SCOREDISTILL_GT3D_TRAIN_UNTIL``) /
+  ``max_time`` / ``other``), ``test_done``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ import time
 
 OUT_ENV = "SCOREDISTILL_GT3D_PROBE_OUT"
 EVERY_ENV = "SCOREDISTILL_GT3D_PROBE_EVERY"
+#: absolute wall-clock time (epoch seconds) after which training stops (``trainer.should_stop``); then launch.py
+#: tests and exports as after any fit.  Unlike ``trainer.max_time`` (counted from the start of training) it does
+#: not move with the process' start-up time, which varies when many runs start at once
+UNTIL_ENV = "SCOREDISTILL_GT3D_TRAIN_UNTIL"
 
 
 def _vm_hwm_bytes():
@@ -46,7 +51,7 @@ def gaussian_count(pl_module):
         return None
 
 
-def make_callback(out_path: str, every: int):
+def make_callback(out_path: str, every: int, until: float = None):
     import pytorch_lightning as pl
     import torch
 
@@ -55,6 +60,7 @@ def make_callback(out_path: str, every: int):
             self.rec = {"step_seconds": [], "gaussians": [], "global_step": 0, "max_steps": None,
                         "train_end_step": None, "stop_reason": None, "test_done": False, "t_start": time.time()}
             self._t0 = None
+            self._until_hit = False
 
         @staticmethod
         def _cuda():
@@ -95,6 +101,9 @@ def make_callback(out_path: str, every: int):
             if len(self.rec["step_seconds"]) % every == 0:
                 self._count(trainer, pl_module)
                 self.write(trainer, pl_module)
+            if until is not None and time.time() >= until:
+                self._until_hit = True
+                trainer.should_stop = True
 
         def on_train_end(self, trainer, pl_module):
             self._count(trainer, pl_module)
@@ -102,6 +111,8 @@ def make_callback(out_path: str, every: int):
             self.rec["train_end_step"] = step
             if step >= int(trainer.max_steps) > 0:
                 self.rec["stop_reason"] = "max_steps"
+            elif self._until_hit:
+                self.rec["stop_reason"] = "wall_deadline"
             elif any(type(c).__name__ == "Timer" and c.time_remaining() is not None and c.time_remaining() <= 0
                      for c in trainer.callbacks):
                 self.rec["stop_reason"] = "max_time"
@@ -116,14 +127,14 @@ def make_callback(out_path: str, every: int):
     return RunProbe()
 
 
-def install(out_path: str, every: int) -> None:
+def install(out_path: str, every: int, until: float = None) -> None:
     import pytorch_lightning
 
     base = pytorch_lightning.Trainer
 
     class RecordedTrainer(base):
         def __init__(self, *args, **kwargs):
-            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [make_callback(out_path, every)]
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [make_callback(out_path, every, until)]
             super().__init__(*args, **kwargs)
 
     pytorch_lightning.Trainer = RecordedTrainer
@@ -134,7 +145,9 @@ def main() -> None:
         sys.path.pop(0)  # run by path: do not shadow top-level modules with this folder's files
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    install(os.path.abspath(os.environ.get(OUT_ENV, "probe.json")), max(1, int(os.environ.get(EVERY_ENV, "25"))))
+    until = os.environ.get(UNTIL_ENV)
+    install(os.path.abspath(os.environ.get(OUT_ENV, "probe.json")), max(1, int(os.environ.get(EVERY_ENV, "25"))),
+            float(until) if until else None)
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
