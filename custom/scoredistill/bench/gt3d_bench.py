@@ -181,27 +181,33 @@ def scene_params(scene: str) -> Dict[str, torch.Tensor]:
 def build_scene_prior(folder: str, n_views: int = 480, cameras: str = "eval", component_std: float = 0.05,
                       azimuth_offset_deg: float = 0.0, seed: int = 1234, log=print,
                       scenes: Sequence[str] = gt_scenes.SCENES, size: int = RENDER_SIZE,
-                      device: str = "cpu") -> Dict[str, float]:
+                      device: str = "cpu", memo: Optional[Dict] = None) -> Dict[str, float]:
     """Build the prior folder over ``scenes`` (default ``cube``, ``janus``, ``table``; the edit row adds
     ``cube_recoloured``, its source) from
     ``n_views`` training renders each; returns ``{"vae_psnr": dB, "seconds": s}``.  ``azimuth_offset_deg``
     builds a prior with a wrong camera convention (the negative control: renders labelled with azimuth +
     offset, e.g. 180 = mirrored).  ``size``: render resolution of the prior's training renders (the configs' 512
     on a GPU; the latents are always ``512 / f`` pixels, :func:`~scoredistill.testing.gt_prior3d.encode_renders`);
-    ``device``: where they are rendered (``cuda``: gsplat)."""
+    ``device``: where they are rendered and encoded (``cuda``: gsplat); ``memo``: a dict reused across calls, so a
+    scene's renders (same cameras: same seed and position in ``scenes``) are made once for several priors."""
     from scoredistill.testing import gt_prior3d as gp
 
     t0 = time.time()
-    vae = gp.GroundTruthVAE()
+    vae = gp.GroundTruthVAE().to(device)
     scenes = list(scenes)
+    memo = {} if memo is None else memo
     lat, who, ele, azi, psnrs = [], [], [], [], []
     for i, scene in enumerate(scenes):
-        cams = sample_training_cameras(n_views, cameras, seed + i, size)
-        params = {k: v.to(device) for k, v in scene_params(scene).items()}
-        rgb, _ = gt_scenes.render_gaussians(params, cams["c2w"].to(device), cams["fovy"].to(device), size)
-        rgb = rgb.cpu()
-        lat.append(gp.encode_renders(vae, rgb))
-        psnrs.append(gp.vae_reconstruction_psnr(vae, rgb))
+        key = (scene, n_views, cameras, seed + i, size)
+        if key not in memo:
+            cams = sample_training_cameras(n_views, cameras, seed + i, size)
+            params = {k: v.to(device) for k, v in scene_params(scene).items()}
+            rgb, _ = gt_scenes.render_gaussians(params, cams["c2w"].to(device), cams["fovy"].to(device), size)
+            memo[key] = (cams, gp.encode_renders(vae, rgb).cpu(), gp.vae_reconstruction_psnr(vae, rgb))
+            del rgb
+        cams, z, p = memo[key]
+        lat.append(z)
+        psnrs.append(p)
         who += [i] * n_views
         ele += cams["elevation"].tolist()
         azi += (cams["azimuth"] + azimuth_offset_deg).tolist()

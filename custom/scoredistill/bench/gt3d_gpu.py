@@ -362,7 +362,7 @@ class Bench:
     def build_priors(self, kinds: Sequence[str]) -> Dict[str, str]:
         a = self.args
         dev = "cuda" if self.cuda else "cpu"
-        out = {}
+        out, memo = {}, {}
         need_edit = any(k.endswith("edit") for k in kinds)
         # scenes as in gt3d_bench: the three scenes (their marginal is the unconditional branch); the edit prior adds
         # the edit's source
@@ -372,7 +372,7 @@ class Bench:
             folder = os.path.join(a.work, key)
             t = time.time()
             info = B.build_scene_prior(folder, a.views, "eval", a.component_std, scenes=scenes, size=a.size,
-                                       device=dev, log=self.log)
+                                       device=dev, log=self.log, memo=memo)
             info["seconds"] = time.time() - t
             out[key] = folder
             self.prior_info[key] = info
