@@ -42,7 +42,7 @@ and the exported mesh's surface) to the true surface, validation PSNR against st
 GPU command (from the repository root, after the GPU kit's wheels and gsplat build)::
 
     PYTHONPATH=$ROOT/custom:/tmp/site:.gpu-kit/stubs THREESTUDIO_ROOT=/tmp/ts \\
-        python3 -m scoredistill.bench.gt3d_gpu --out $OUT --work /tmp/gt3d-gpu --budget 300
+        python3 -m scoredistill.bench.gt3d_gpu --out $OUT --work /tmp/gt3d-gpu-work --budget 280
 
 CPU scale (CI, ``tests/test_gt3d_launch.py``): ``--scale cpu`` (32² renders, a few steps, small Gaussian sets,
 the CPU NeRF renderer).  The README table from a results file:
