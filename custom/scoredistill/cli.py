@@ -81,8 +81,9 @@ def _add_suite_parser(p) -> None:
     rep = sub.add_parser("report", help="CSV, markdown means with CIs and an HTML gallery of a suite's runs")
     rep.add_argument("target", help="a suite's output folder (or its suite file)")
     rep.add_argument("--clip-model", action="append", default=None,
-                     help="CLIPModel name or folder; repeat for several (default openai/clip-vit-large-patch14; "
-                          "bigG: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
+                     help="CLIPModel name or folder for the CLIP score and CLIP R-Precision; repeat for several "
+                          "(default: openai/clip-vit-base-patch32 and openai/clip-vit-large-patch14, B/32 and L/14 as "
+                          "DreamFusion reports; bigG: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--panel", default="first", choices=["first", "full"])
     rep.add_argument("--out", default=None, help="report folder (default OUTPUT_DIR/report)")
@@ -124,7 +125,7 @@ def _suite_main(args) -> int:
             return 0
         from .suite import report
 
-        report.write_report(target, args.out, args.clip_model or [report.DEFAULT_CLIP], args.device, args.panel)
+        report.write_report(target, args.out, args.clip_model or list(report.DEFAULT_CLIPS), args.device, args.panel)
         return 0
     except (spec.SuiteError, FileNotFoundError, RuntimeError) as e:
         print(f"scoredistill suite: {e}", file=sys.stderr)
