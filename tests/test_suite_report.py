@@ -215,3 +215,87 @@ def test_report_r_precision_matches_independent_retrieval_on_tiny_clip(tmp_path,
 
 def test_default_models_are_b32_and_l14():
     assert report.DEFAULT_CLIPS == ("openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14")
+
+
+# ------------------------------------------------------------------------------------------ 3D viewer in the gallery
+def _add_plys(suite):
+    """Give every finished run of a stand-in suite a Gaussians PLY (the ground-truth cube, 3000 Gaussians)."""
+    import shutil
+
+    from scoredistill.bench import gt3d_bench
+
+    gt3d_bench.scene_params("cube")
+    src = os.path.join(gt3d_bench.SCENE_DIR, "cube.ply")
+    n = 0
+    for r in suite.runs():
+        if os.path.isdir(os.path.join(r.trial_dir, "save")):
+            shutil.copyfile(src, os.path.join(r.trial_dir, "save", "gaussians.ply"))
+            n += 1
+    return n
+
+
+def test_gallery_says_how_to_get_the_viewer_when_it_is_missing(tmp_path, monkeypatch):
+    from scoredistill import splat_viewer
+
+    suite = _run_suite(tmp_path, ["a cat", "a dog"])
+    assert _add_plys(suite) == 2
+    monkeypatch.setattr(splat_viewer, "find_viewer", lambda: None)
+    paths = report.write_report(suite.output_dir, clip_models=[], log=lambda *a: None)
+    page = open(paths["html"]).read()
+    assert "id='viewer-missing'" in page and "@mkkellogg/gaussian-splats-3d@0.4.7" in page
+    assert "splat-link" not in page and json.load(open(paths["json"]))["splat_viewer"]["missing"]
+
+
+def _viewer_or_skip():
+    from scoredistill import splat_viewer
+
+    nm = splat_viewer.find_viewer()
+    if nm is None:
+        pytest.skip(f"needs the splat viewer from npm: {splat_viewer.INSTALL_HINT}")
+    return nm
+
+
+def test_gallery_shows_each_runs_gaussians_in_a_3d_viewer_in_headless_chromium(tmp_path):
+    """The gallery links a viewer page per run; the page loads the run's PLY into gaussian-splats-3d (its own
+    count of Gaussians equals the PLY's), draws it (a screenshot with the cube's colours in the viewer's box)
+    and shows the test video beside it."""
+    from test_suite import chromium
+
+    if not chromium():
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    _viewer_or_skip()
+    import re
+    import subprocess as sp
+
+    import numpy as np
+    from PIL import Image
+
+    suite = _run_suite(tmp_path, ["a cat", "a dog", "a FAIL"])
+    assert _add_plys(suite) == 2
+    paths = report.write_report(suite.output_dir, clip_models=[], log=lambda *a: None)
+    data = json.load(open(paths["json"]))
+    done = [r for r in data["runs"] if r["status"] == "done"]
+    assert data["splat_viewer"]["pages"] == 2 and data["splat_viewer"]["gaussian-splats-3d"] == "0.4.7"
+    page = open(paths["html"]).read()
+    assert len(re.findall(r"<a class='splat-link' href='viewer/[^']+\.html'>3D view</a>", page)) == 2
+    flags = [chromium(), "--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+             "--disable-background-networking", "--disable-component-update", "--no-first-run",
+             "--virtual-time-budget=20000"]
+    viewer = done[0]["viewer"]
+    vpage = open(viewer).read()
+    assert os.path.relpath(done[0]["video"], os.path.dirname(viewer)) in vpage  # the test video beside it
+    dom = sp.run(flags + [f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", "file://" + viewer],
+                 capture_output=True, text=True, timeout=180).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    assert 'data-ready="1"' in body and 'data-splat-count="3000"' in body and "data-error" not in body, body
+    shot = tmp_path / "viewer.png"
+    sp.run(flags + [f"--user-data-dir={tmp_path / 'p2'}", "--window-size=900,700", f"--screenshot={shot}",
+                    "file://" + viewer], capture_output=True, text=True, timeout=180)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    box = img[80:480, 20:440]  # the viewer's 420 px box under the title
+    coloured = (box.max(axis=-1) - box.min(axis=-1)) > 80  # saturated pixels: the cube's faces, not white/grey
+    assert coloured.mean() > 0.2, coloured.mean()
+    # the red front face and the blue side face are visible from the start camera (threestudio's +Z up)
+    for ch in (0, 2):
+        dominant = (box[..., ch] > 150) & (np.delete(box, ch, axis=-1).max(axis=-1) < 120)
+        assert dominant.mean() > 0.005, (ch, dominant.mean())

@@ -347,7 +347,15 @@ def to_html(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]], clip_cols
     parts.append("</tbody></table>")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    parts.append("<h2>Gallery</h2><table class='gallery'><thead><tr><th>prompt</th>" +
+    parts.append("<h2>Gallery</h2>")
+    if viewer and viewer.get("missing"):
+        parts.append(f"<p class='src' id='viewer-missing'>3D viewers of the Gaussians: not written, the splat viewer "
+                     f"is not installed ({e(viewer['missing'])}).</p>")
+    elif viewer:
+        parts.append(f"<p class='src'>“3D view”: each run's Gaussians in an interactive viewer (@mkkellogg/"
+                     f"gaussian-splats-3d {e(viewer['gaussian-splats-3d'])}, three.js {e(viewer['three'])}) "
+                     "beside its test video.</p>")
+    parts.append("<table class='gallery'><thead><tr><th>prompt</th>" +
                  "".join(f"<th>{e(m)}</th>" for m in methods) + "</tr></thead><tbody>")
     for p in prompts:
         src = next((r["prompt_source"] for r in rows if r["prompt"] == p and r.get("prompt_source")), None)
@@ -362,6 +370,8 @@ def to_html(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]], clip_cols
                                 f"src='{_rel(r['video'], out_dir)}'></video>")
                 if r.get("images"):
                     cell.append(f"<img alt='first test view' src='{_rel(r['images'][0], out_dir)}'>")
+                if r.get("viewer"):
+                    cell.append(f"<a class='splat-link' href='{_rel(r['viewer'], out_dir)}'>3D view</a>")
                 if not r.get("video") and not r.get("images"):
                     log = _rel(r.get("log"), out_dir)
                     cell.append("<div class='missing'>" + (f"<a href='{log}'>{e(r['status'])}: log</a>" if log
@@ -374,7 +384,25 @@ def to_html(rows: List[Dict[str, Any]], summary: List[Dict[str, Any]], clip_cols
 
 
 def gallery_viewer(out_dir: str, rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    return None
+    """Per finished run with a Gaussians PLY, an interactive 3D viewer page with its test video beside it
+    (:mod:`scoredistill.splat_viewer`): ``OUT/viewer/<run>.html``, the run's row gets ``viewer``.  Returns the
+    vendored versions and page count, ``{"missing": how to install}`` when the viewer is not installed, or
+    ``None`` when no run has a PLY."""
+    from .. import splat_viewer
+
+    with_ply = [r for r in rows if r.get("ply")]
+    if not with_ply:
+        return None
+    vdir = os.path.join(out_dir, "viewer")
+    versions = splat_viewer.vendor(os.path.join(vdir, "lib"))
+    if versions is None:
+        return {"missing": splat_viewer.INSTALL_HINT}
+    for r in with_ply:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["run_id"])
+        r["viewer"] = splat_viewer.write_page(os.path.join(vdir, f"{slug}.html"), r["ply"], os.path.join(vdir, "lib"),
+                                              f"{r['method']} · {r['prompt']} · seed {r['seed']}", r.get("video"),
+                                              versions)
+    return {"three": versions["three"], "gaussian-splats-3d": versions["gaussian-splats-3d"], "pages": len(with_ply)}
 
 
 def write_report(output_dir: str, out_dir: Optional[str] = None, clip_models: Sequence[str] = DEFAULT_CLIPS,
