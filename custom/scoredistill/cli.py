@@ -7,6 +7,8 @@ under ``custom/``).  ``--copy`` copies instead of linking.  An existing differen
 ``scoredistill suite run SUITE.yaml`` / ``scoredistill suite report OUTPUT_DIR``: prompt suites
 (:mod:`scoredistill.suite`).
 
+``scoredistill demo [--threestudio PATH]``: the first run without GPU or weights (:mod:`scoredistill.demo`).
+
 ``scoredistill mesh GAUSSIANS.ply OUT_DIR``: a textured mesh (OBJ + MTL + PNG, GLB) from a 3DGS PLY, the
 ``gsplat-mesh-exporter`` outside threestudio (options: ``scoredistill mesh --help``).
 """
@@ -53,7 +55,12 @@ def main(argv=None) -> int:
     p_suite = sub.add_parser("suite", help="run a prompt suite and report CLIP scores (scoredistill.suite)")
     _add_suite_parser(p_suite)
     _add_mesh_parser(sub)
+    _add_demo_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run as run_demo
+
+        return run_demo(args)
     if args.command == "suite":
         return _suite_main(args)
     if args.command == "mesh":
@@ -66,6 +73,17 @@ def main(argv=None) -> int:
             return 2
         print(dest)
     return 0
+
+
+def _add_demo_parser(sub) -> None:
+    from .demo import add_arguments
+
+    p = sub.add_parser("demo", help="first run without GPU or weights: distil a known scene through threestudio's "
+                                    "launch.py on the CPU; writes a video, a PLY, a GLB and a page",
+                       description="Distil a ground-truth scene (exact ground-truth prior, no downloads) through "
+                                   "threestudio's launch.py with a pack config on the CPU (~3 min on 2 cores); writes "
+                                   "OUT/index.html, video.mp4, gaussians.ply, mesh/model.glb (scoredistill.demo).")
+    add_arguments(p)
 
 
 def _add_suite_parser(p) -> None:
