@@ -94,3 +94,25 @@ def test_demo_distils_the_cube_through_launch_py_and_writes_video_ply_glb_page(t
     assert f"{info['psnr']:.2f} dB" in page
     print(f"demo: {info['total']:.0f} s (prior {info['t_prior']:.0f}, launch {info['t_launch']:.0f}, mesh "
           f"{info['t_mesh']:.0f}), PSNR {info['psnr']:.2f} dB", file=sys.stderr)
+
+
+def test_cpu_launcher_serves_stand_ins_only_for_packages_that_are_not_installed(tmp_path, monkeypatch):
+    """The package's CPU launcher (not tests/harness): its stand-ins come after every real finder, so an
+    installed package always wins; names outside the stand-in set are never served."""
+    from scoredistill.demo import cpu_launch
+
+    finder = cpu_launch.StubFinder()
+    spec = finder.find_spec("tinycudann", None)
+    assert spec is not None and spec.origin.startswith(cpu_launch.STUBS)
+    assert finder.find_spec("numpy", None) is None
+    # a real "nvdiffrast" on the path wins over the stand-in
+    (tmp_path / "nvdiffrast").mkdir()
+    (tmp_path / "nvdiffrast" / "__init__.py").write_text("REAL = True\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from scoredistill.demo import cpu_launch; "
+            "cpu_launch.install_import_hooks(); import nvdiffrast, tinycudann; "
+            "print(getattr(nvdiffrast, 'REAL', False), tinycudann.__file__.startswith(cpu_launch.STUBS))")
+    env = dict(os.environ, PYTHONPATH=os.path.join(REPO, "custom"))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]

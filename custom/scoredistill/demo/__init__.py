@@ -183,8 +183,6 @@ def _cameras(dataset_split: str, n: int, size: int, seed: int = 0):
 
 def build_prior(folder: str, scene: str, views: int, seed: int = 1234) -> Dict[str, float]:
     """The ground-truth prior of one scene from ``views`` training renders (as ``gt3d_bench.build_scene_prior``)."""
-    import torch
-
     from ..bench import gt3d_bench, gt_scenes
     from ..testing import gt_prior3d as gp
 
