@@ -279,8 +279,8 @@ def test_psnr(trial: str, scene: str, size: int, n_views: int) -> Dict[str, floa
 
 
 _PAGE = """<!DOCTYPE html><html><head><meta charset='utf-8'><title>scoredistill demo</title><style>
-body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:60em}} video{{width:256px;image-rendering:pixelated}}
-.views img{{width:96px;margin:2px}} td,th{{text-align:left;padding:.2em .6em}} code{{background:#f4f4f4}}
+body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:60em}} video{{width:512px;image-rendering:pixelated}}
+.views img{{height:96px;margin:2px}} td,th{{text-align:left;padding:.2em .6em}} code{{background:#f4f4f4}}
 </style></head><body>
 <h1>scoredistill demo: {method} distils the {scene}</h1>
 <p>threestudio's <code>launch.py</code> ran <code>configs/{config}</code> on the CPU for {steps} steps with the exact
