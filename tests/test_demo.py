@@ -92,6 +92,22 @@ def test_demo_distils_the_cube_through_launch_py_and_writes_video_ply_glb_page(t
         assert ref in page, ref
     assert np.isfinite(info["psnr"]) and info["psnr"] > 12.0, info["psnr"]
     assert f"{info['psnr']:.2f} dB" in page
+    # the interactive 3D view of the Gaussians, when the npm viewer is installed (CI installs it)
+    from scoredistill import splat_viewer
+    from test_suite import chromium
+
+    if splat_viewer.find_viewer() is not None:
+        vpage = out / "gaussians-3d.html"
+        assert info["files"]["viewer"] == str(vpage) and "href='gaussians-3d.html'" in page
+        if chromium():
+            import re
+
+            dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--use-angle=swiftshader",
+                                  "--enable-unsafe-swiftshader", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+                                  "--virtual-time-budget=20000", "--dump-dom", "file://" + str(vpage)],
+                                 capture_output=True, text=True, timeout=180).stdout
+            body = re.search(r"<body([^>]*)>", dom).group(1)
+            assert 'data-ready="1"' in body and f'data-splat-count="{g["means"].shape[0]}"' in body, body
     print(f"demo: {info['total']:.0f} s (prior {info['t_prior']:.0f}, launch {info['t_launch']:.0f}, mesh "
           f"{info['t_mesh']:.0f}), PSNR {info['psnr']:.2f} dB", file=sys.stderr)
 

@@ -14,7 +14,7 @@ loaded as classic scripts (the viewer's UMD build; three.js's CommonJS build wra
 the PLY travels as base64 in a ``<script>`` file, handed to the viewer as a ``blob:`` URL with the PLY format
 given explicitly; the sort worker runs without shared memory (``sharedMemoryForWorkers: false``: no
 cross-origin isolation on ``file://``).  threestudio's world is +Z up: the camera starts where threestudio's test
-cameras are (distance 2, elevation 15°).  When the scene is loaded the page sets ``data-splat-count`` (the
+cameras are (distance 2, elevation 15°).  Every Gaussian of the PLY is kept (``splatAlphaRemovalThreshold: 0``).  When the scene is loaded the page sets ``data-splat-count`` (the
 viewer's own Gaussian count) and ``data-ready="1"`` on ``<body>``; on an error ``data-error``.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ video{{width:{size}px;height:{size}px;background:#000;image-rendering:pixelated}
       initialCameraPosition:[1.932,0,0.518],initialCameraLookAt:[0,0,0],sharedMemoryForWorkers:false,
       gpuAcceleratedSort:false,dynamicScene:false,antialiased:true,sphericalHarmonicsDegree:0}});
     viewer.addSplatScene(url,{{format:GS.SceneFormat.Ply,showLoadingUI:false,progressiveLoad:false,
-      splatAlphaRemovalThreshold:1}}).then(function(){{
+      splatAlphaRemovalThreshold:0}}).then(function(){{
         viewer.start();
         body.dataset.splatCount=viewer.getSplatMesh().getSplatCount();
         setTimeout(function(){{body.dataset.ready='1';}},1000);
