@@ -433,12 +433,11 @@ def run_demo(a, log=print) -> Dict:
                  "seed": a.seed, "video_size": a.video_size, "lr_scale": a.lr_scale, "total": time.time() - t_start,
                  "files": {"page": page, "video": os.path.join(out, "video.mp4"),
                            "ply": os.path.join(out, "gaussians.ply"), "glb": os.path.join(mesh_dir, "model.glb"),
-                           "obj": os.path.join(mesh_dir, "model.obj")}})
+                           "obj": os.path.join(mesh_dir, "model.obj"), "viewer": viewer_page}})
     info["test_images"] = [os.path.join(test_dir, os.path.basename(p)) for p in images]
     atomic_write_json(os.path.join(out, "demo.json"), info)
     log(f"demo: {a.method} on the {a.scene}, {a.steps} steps: test-view PSNR {info['psnr']:.2f} dB vs the true scene; "
         f"{info['total']:.0f} s in all (prior {t_prior:.0f} s, launch.py {t_launch:.0f} s, mesh {t_mesh:.0f} s)")
-    info["files"]["viewer"] = viewer_page
     for k in ("page", "video", "ply", "glb", "viewer"):
         log(f"{k}: {info['files'][k] or 'not written (' + splat_viewer.INSTALL_HINT + ')'}")
     return info
