@@ -26,7 +26,8 @@ instrumented, one thing each, and the earlier ones stay plain (``plain_steps``: 
 * ``profile`` (third-last step): GPU time per part of the step from CUDA events (no sync inside the step) --
   ``render`` (the system's renderer forward), ``vae`` (VAE encoder / decoder forwards), ``unet`` (UNet
   forwards, nested calls once), ``backward`` (Lightning's backward of the step's loss), ``optimizer``
-  (``Optimizer.step`` of every optimizer, the guidance's own included), ``densify`` (``_densify`` of pack
+  (``Optimizer.step`` of every optimizer, the guidance's own included; for Lightning's closure step from the
+  end of the backward: the finite-step decision and the update), ``densify`` (``_densify`` of pack
   systems), ``step`` (batch start → end) and ``other = step − Σ parts`` (the guidance's and system's remaining
   maths and the GPU idle while the host works);
 * ``syncs`` (second-last step): the number of synchronising CUDA calls under
@@ -154,8 +155,22 @@ def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
                 parts.wrap("densify", pl_module, "_densify")
             from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-            self._opt_hooks = [register_optimizer_step_pre_hook(lambda *a: parts.enter("optimizer")),
-                               register_optimizer_step_post_hook(lambda *a: parts.exit("optimizer"))]
+            def pre(opt, args, kwargs):
+                if any(callable(v) for v in list(args) + list(kwargs.values())):
+                    self._main_step = True  # Lightning's step(closure): the closure (forward, backward) runs first
+                else:
+                    parts.enter("optimizer")
+
+            def post(opt, args, kwargs):
+                if any(callable(v) for v in list(args) + list(kwargs.values())):
+                    if self._main_open:
+                        parts.exit("optimizer")
+                    self._main_step = self._main_open = False
+                else:
+                    parts.exit("optimizer")
+
+            self._main_step = self._main_open = False
+            self._opt_hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
             parts.enter("step")
             self._parts = parts
 
@@ -166,6 +181,9 @@ def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
         def on_after_backward(self, trainer, pl_module):
             if self._parts is not None:
                 self._parts.exit("backward")
+                if self._main_step and not self._main_open:  # the update after the closure's backward
+                    self._parts.enter("optimizer")
+                    self._main_open = True
 
         @staticmethod
         def _cuda():

@@ -337,6 +337,11 @@ class LODSLearner:
         self.last_update_skipped = False
         self.aux_steps = 0
         if variant == "lora":
+            # the adapter is switched on for the LoRA branch's call only: a checkpointed block would recompute it
+            # without the adapter in the backward, so the UNet's activation checkpointing is off for this variant
+            for m in unet.modules():
+                if getattr(m, "_scoredistill_checkpointed", False):
+                    m._scoredistill_checkpoint_off = True
             self.lora_params = add_lora_adapter(
                 unet, lora_rank, lora_alpha, lora_target_modules, lora_scale, lora_adapter_name, lora_init
             )

@@ -245,7 +245,9 @@ def enable_activation_checkpointing(blocks) -> int:
     forward keeps only its inputs and recomputes its activations in the backward -- the same values (the same
     kernels on the same inputs), less memory.  Applied only when a gradient flows through the call (grad mode on
     and an input or a parameter of the block requires grad); a no-grad call is the plain forward.  Returns the
-    number of blocks wrapped (idempotent)."""
+    number of blocks wrapped (idempotent).  A block with ``_scoredistill_checkpoint_off = True`` runs plainly (code
+    whose forward depends on state outside the inputs that changes before the backward, e.g. LODS' LoRA branch
+    switching peft adapters on for the call only: a recomputation would not see the adapter)."""
     from torch.utils.checkpoint import checkpoint
 
     n = 0
@@ -255,7 +257,7 @@ def enable_activation_checkpointing(blocks) -> int:
         orig = block.forward
 
         def forward(*args, _orig=orig, _block=block, **kwargs):
-            if _needs_grad(args, kwargs, _block):
+            if _needs_grad(args, kwargs, _block) and not getattr(_block, "_scoredistill_checkpoint_off", False):
                 return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
             return _orig(*args, **kwargs)
 
