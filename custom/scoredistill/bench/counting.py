@@ -137,6 +137,21 @@ def _is_sync_call(func, args, kwargs) -> str:
     return ""
 
 
+def _called_from_torch_optim() -> bool:
+    """Whether the innermost caller outside torch's override machinery is in ``torch/optim`` (an optimizer's
+    host-side step count; Lightning runs the whole training step inside ``optimizer.step(closure)``, so this is
+    decided by the calling frame, not by optimizer hooks)."""
+    import sys
+
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename.replace("\\", "/")
+        if not (name.endswith("torch/overrides.py") or name.endswith("bench/counting.py") or "torch/utils/_device" in name):
+            return "/torch/optim/" in name
+        f = f.f_back
+    return False
+
+
 class SyncCounter(torch.overrides.TorchFunctionMode):
     """Counts the calls that would synchronise the host with a GPU, while active (a ``TorchFunctionMode``).
 
@@ -161,25 +176,6 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
         self.sites: list = []
         self._keep = keep
         self._paused = 0
-        self._hooks = []
-
-    def __enter__(self):
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        def pre(*a):
-            self._paused += 1
-
-        def post(*a):
-            self._paused -= 1
-
-        self._hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        return super().__exit__(*exc)
 
     @property
     def count(self) -> int:
@@ -191,6 +187,8 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
 
         if not self._paused and not in_host_only():
             name = _is_sync_call(func, args, kwargs)
+            if name and _called_from_torch_optim():
+                name = ""
             if name:
                 self.counts[name] = self.counts.get(name, 0) + 1
                 if len(self.sites) < self._keep:
