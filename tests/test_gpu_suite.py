@@ -108,4 +108,7 @@ def test_speed_and_parity_sections_in_tiny_mode(tmp_path, tiny_sd):
     assert prof["parts_seconds"]["unet"] > 0 and prof["parts_seconds"]["render"] > 0
     assert sum(prof["parts_seconds"].values()) <= prof["gpu_step_seconds"] * 1.01  # parts do not overlap
     assert row["syncs"]["step"] == 4 and row["kernels"]["step"] == 5 and row["kernels"]["top_ops"]
+    # the whole gsplat-system step (render, uds guidance, backward, optimizer, densifier statistics): only the
+    # finite-step guard's one decision (`.cpu().tolist()` of its stacked checks) would wait for a GPU
+    assert row["syncs"]["count"] == 2 and all("finite.py" in k for k in row["syncs"]["sites"]), row["syncs"]
     assert "Speed per config" in proc.stdout and "Parity" in proc.stdout
