@@ -80,3 +80,35 @@ def test_full_mode_refuses_without_cuda(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scoredistill.bench.gpu_suite", "--mode", "full", "--out",
                            str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--mode full needs CUDA" in proc.stderr
+
+
+@pytest.mark.slow
+def test_speed_and_parity_sections_in_tiny_mode(tmp_path, tiny_sd):
+    """Issue 26's sections (run only when named): one Gaussian config with the probe's profile mode, and the
+    parity checks (CPU vs CPU here: a plumbing check, labelled)."""
+    if threestudio_root() is None:
+        pytest.skip("THREESTUDIO_ROOT is not set")
+    out = tmp_path / "speed.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", THREESTUDIO_ROOT=threestudio_root(),
+               PYTHONPATH=os.path.join(REPO, "custom") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "scoredistill.bench.gpu_suite", "--mode", "tiny", "--sections", "parity",
+                           "speed", "--launch-configs", "uds-gs", "--budget-s", "800", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(out.read_text())
+    assert set(res["sections"]) == {"parity", "speed"}
+    pa = res["sections"]["parity"]
+    assert "plumbing check" in pa["comparison"]
+    for k in ("unet_cpu_vs_device", "lods_eq8_grad_checkpointing", "vae_encoder_grad_checkpointing", "step_if_finite_vs_step"):
+        assert pa[k] == 0.0, (k, pa[k])  # same device, same kernels: bit-identical
+    (row,) = res["sections"]["speed"]["rows"]
+    assert row["config"] == "uds-gs" and row["steps_run"] == 6 and row["s_per_it"] > 0, row
+    prof = row["profile"]
+    assert prof["step"] == 3 and set(prof["parts_seconds"]) == {"render", "vae", "unet", "backward", "optimizer", "densify"}
+    assert prof["parts_seconds"]["unet"] > 0 and prof["parts_seconds"]["render"] > 0
+    assert sum(prof["parts_seconds"].values()) <= prof["gpu_step_seconds"] * 1.01  # parts do not overlap
+    assert row["syncs"]["step"] == 4 and row["kernels"]["step"] == 5 and row["kernels"]["top_ops"]
+    # the whole gsplat-system step (render, uds guidance, backward, optimizer, densifier statistics): only the
+    # finite-step guard's one decision (`.cpu().tolist()` of its stacked checks) would wait for a GPU
+    assert row["syncs"]["count"] == 2 and all("finite.py" in k for k in row["syncs"]["sites"]), row["syncs"]
+    assert "Speed per config" in proc.stdout and "Parity" in proc.stdout

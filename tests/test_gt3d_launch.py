@@ -8,6 +8,9 @@ exact ground-truth prior (scoredistill.bench.gt3d_bench), and the score against 
 
 32² renders, 100 steps, cube only, 160 prior renders; the three runs take ~2 minutes on a 2-core machine.
 """
+import glob
+import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -70,3 +73,61 @@ def test_a_pack_method_vdm_reconstructs_the_cube(runs):
 
 def test_mirrored_camera_convention_is_clearly_worse(runs):
     assert runs["mirrored"]["psnr"] <= runs["sds"]["psnr"] - MIRROR_GAP, (runs["mirrored"]["psnr"], runs["sds"]["psnr"])
+
+
+# ------------------------------------------------------------------------------------------ the GPU command, CPU scale
+# ``scoredistill.bench.gt3d_gpu`` (every config's whole schedule on a GPU) at CPU scale, so that the GPU command
+# cannot rot: one Gaussian and one NeRF config through launch.py in parallel, each stopped by Lightning's
+# ``trainer.max_time`` (the budget path the GPU run takes when a schedule cannot finish), then tested, the PLY written
+# and (Gaussian) the mesh exported through ``launch.py --export``; results written and scored.
+GPU_CMD_CONFIGS = ["vdm-gs", "uds-nerf"]
+TRAIN_SECONDS = 12
+
+
+@pytest.fixture(scope="module")
+def gpu_cmd(tmp_path_factory):
+    from scoredistill.bench import gt3d_gpu as g
+
+    out = str(tmp_path_factory.mktemp("gt3d-gpu"))
+    rc = g.main(["--out", out, "--scale", "cpu", "--configs", *GPU_CMD_CONFIGS, "--views", "20", "--budget", "900",
+                 "--cpu-steps", "100000", "--max-train-seconds", str(TRAIN_SECONDS), "--workers", "2"])
+    assert rc == 0
+    with open(os.path.join(out, "gt3d_gpu.json")) as fh:
+        return out, json.load(fh)
+
+
+def test_gpu_command_every_config_has_a_row_stopped_by_the_budget_then_tested(gpu_cmd):
+    out, data = gpu_cmd
+    rows = {r["config"]: r for r in data["rows"]}
+    assert sorted(rows) == sorted(GPU_CMD_CONFIGS)
+    for name, r in rows.items():
+        assert r["rc"] == 0 and not r["killed"], (name, r.get("status"), r.get("error"))
+        # the schedule (100000 steps) cannot finish: Lightning's max_time stopped it, the test still ran
+        assert r["stop_reason"] == "max_time", (name, r["stop_reason"])
+        assert r["test_done"] and r["max_steps"] == 100000
+        assert 0 < r["steps_done"] < 100000 and r["fraction"] == r["steps_done"] / 100000
+        assert "stopped by the wall budget" in r["status"]
+        assert len(r["curve"]) >= 1 and math.isfinite(r["psnr"]) and 0 <= r["iou"] <= 1
+        assert r["s_per_it_median"] > 0 and r["unet_samples"] > 0
+    gs = rows["vdm-gs"]
+    assert gs["gaussians"][0][1] == 300 and gs["gaussians"][-1][0] == gs["steps_done"]
+    assert gs["mesh"] == "exported" and gs["mesh_faces"] > 0 and math.isfinite(gs["mesh_chamfer"])
+    assert glob.glob(os.path.join(gs["trial"], "save", "it*-export", "*.ply"))
+    assert "kernel-smoothed" in rows["uds-nerf"]["encodings"]
+
+
+def test_gpu_command_writes_few_result_files_and_the_readme_table(gpu_cmd, capsys):
+    from scoredistill.bench import gt3d_gpu as g
+
+    out, data = gpu_cmd
+    files = sorted(f for f in os.listdir(out) if os.path.isfile(os.path.join(out, f)))
+    assert files == ["gt3d_gpu.json", "gt3d_gpu.md", "gt3d_gpu_curves.png", "gt3d_gpu_grid.png", "gt3d_gpu_logs.tar.gz"]
+    import tarfile
+
+    with tarfile.open(os.path.join(out, "gt3d_gpu_logs.tar.gz")) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("vdm-gs-seed0.log") for n in names) and any(n.endswith(".probe.json") for n in names)
+    assert g.main(["--table", os.path.join(out, "gt3d_gpu.json")]) == 0
+    table = capsys.readouterr().out
+    assert "| `vdm-gs` | stopped by the wall budget" in table and "| `uds-nerf` |" in table
+    assert data["meta"]["scale"] == "cpu" and data["meta"]["seed_note"] == "1 seed(s)"

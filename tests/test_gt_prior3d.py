@@ -456,3 +456,10 @@ def test_count_file_is_written_at_exit(prior, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(path.read_text()) == {"unet_calls": 2, "unet_samples": 5}
+
+
+def test_lora_adapter_is_refused_with_the_reason(prior):
+    """LODS in LoRA mode calls ``unet.add_adapter``: the exact prior has no attention layers, so it says so
+    (configs/lods-lora-nerf.yaml's row in the GPU benchmark states this reason)."""
+    with pytest.raises(NotImplementedError, match="no attention layers"):
+        prior.unet.add_adapter(object())

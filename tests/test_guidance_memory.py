@@ -206,11 +206,9 @@ def test_cuda_only_checks_without_cuda(monkeypatch):
                                   dict(enable_memory_efficient_attention=True),  # xformers when installed
                                   dict(enable_channels_last_format=True)])
 def test_cuda_options_same_unet_output(tiny_sd, opts):
-    """On CUDA: offload / memory-efficient attention / channels-last give the default UNet's output (fp32)."""
-    from types import SimpleNamespace
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
+    """On CUDA: offload / memory-efficient attention / channels-last give the default UNet's output (fp32), with
+    TF32 off (cuDNN's default TF32 moves channels-last's output by ~1.6e-3 of the max on an H200: the labelled
+    change of scoredistill.guidance.memory's table; TF32 is a process setting the pack leaves alone)."""
     from scoredistill.guidance import memory
 
     fields = dict(enable_memory_efficient_attention=False, memory_efficient_attention_backend="auto",
@@ -218,6 +216,20 @@ def test_cuda_options_same_unet_output(tiny_sd, opts):
                   enable_channels_last_format=False, token_merging=False, token_merging_params={},
                   compile_unet=False, compile_unet_params={})
     outs = []
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _unet_outputs(memory, fields, opts, tiny_sd, outs)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert (outs[1] - outs[0]).abs().max().item() <= 1e-4 * outs[0].abs().max().item()
+
+
+def _unet_outputs(memory, fields, opts, tiny_sd, outs):
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     for o in ({}, opts):
         cfg = SimpleNamespace(**{**fields, **o})
         memory.validate_memory_options(cfg, "cuda")
@@ -227,7 +239,6 @@ def test_cuda_options_same_unet_output(tiny_sd, opts):
         e = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).cuda()
         with torch.no_grad():
             outs.append(unet(x, torch.tensor([300, 700], device="cuda"), encoder_hidden_states=e).sample.double().cpu())
-    assert (outs[1] - outs[0]).abs().max().item() <= 1e-4 * outs[0].abs().max().item()
 
 
 @pytest.mark.parametrize("name, kw", [

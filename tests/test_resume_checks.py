@@ -144,3 +144,24 @@ def test_resume_refuses_a_changed_sh_degree_naming_checkpoint_and_setting(vdm_gs
                    "system.geometry.sh_degree=1"], exp_root=str(tmp_path / "b"))
     assert (f"resume={old}: the checkpoint's Gaussians have SH degree 0 (geometry.params.shN of shape (100, 0, 3)), "
             "this config has system.geometry.sh_degree=1") in str(err.value)
+
+
+@pytest.mark.threestudio
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_with_nan_means_naming_the_tensor(vdm_gs_checkpoint, tmp_path):
+    """Issue 24: a resume from a checkpoint with NaN means was accepted; every step was skipped, the run exited 0
+    and wrote a PLY of NaNs that the pack's own loader refuses."""
+    from harness import run_launch
+
+    ckpt, common = vdm_gs_checkpoint
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data["state_dict"]["geometry.params.means"][7, 1] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(data, bad)
+    with pytest.raises(RuntimeError) as err:
+        run_launch(os.path.join(CONFIGS, "vdm-gs.yaml"), common + [f"resume={bad}", "trainer.max_steps=2"],
+                   exp_root=str(tmp_path / "out"))
+    msg = str(err.value)
+    assert f"resume={bad}: this checkpoint cannot be resumed with this config" in msg
+    assert "non-finite (NaN/inf) tensors: state_dict['geometry.params.means']: 1 of 300 values" in msg
+    assert "train/" not in msg and not list((tmp_path / "out").rglob("*.ply"))  # refused before any step

@@ -113,8 +113,7 @@ def test_two_prompts_two_configs_on_two_workers_killed_and_resumed_then_reported
     md = open(paths["markdown"]).read()
     for m in ("uds", "vdm"):
         vals = [float(r[col]) for r in rows if r["method"] == m]
-        mean, hw = report.t_interval(vals)
-        assert f"| {m} | 2 / 2 | 0 | {mean:.2f} ± {hw:.2f} |" in md
+        assert f"| {m} | 2 / 2 | 0 | [{vals[0]:.2f}, {vals[1]:.2f}] (n = 2) |" in md  # n < 3: no CI
     if chromium():  # the real gallery (test videos written by threestudio) in headless Chromium
         dom = dump_dom(paths["html"], tmp_path, f"#sort={col}:desc")
         check_gallery_dom(dom, paths, col, n_done=4, n_runs=4)

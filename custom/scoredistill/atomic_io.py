@@ -9,13 +9,17 @@ into place (``os.replace``): a reader sees the old file or the new one, never a 
   (:func:`remove_stale_temp_files`);
 * the final file gets the mode a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not
   ``mkstemp``'s ``0o600``.
+
+The rename replaces a symbolic link at ``path`` itself, never the file it points to.  Files written in place
+(a log, a lock file) are opened with :func:`open_no_follow`, which refuses a symbolic link at the path instead of
+truncating its target (a link the writer did not create is never followed).
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 
 def _umask() -> int:
@@ -63,6 +67,37 @@ def remove_stale_temp_files(path: str) -> List[str]:
         except OSError:
             pass
     return removed
+
+
+class SymlinkRefused(OSError):
+    """:func:`open_no_follow` found a symbolic link where it was to write a file."""
+
+
+def open_no_follow(path: str, mode: str = "w", encoding: Optional[str] = "utf-8"):
+    """``open(path, mode)`` for writing (``"w"``, ``"a"``, ``"wb"``, ``"ab"``) that never follows a symbolic link
+    at ``path`` (``O_NOFOLLOW``; the file is created if absent).
+
+    Raises:
+        SymlinkRefused: ``path`` is a symbolic link (the message names it and its target).
+    """
+    if mode.rstrip("b+") not in ("w", "a"):
+        raise ValueError(f"open_no_follow writes only ('w', 'a', 'wb', 'ab'), got mode {mode!r}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_APPEND if mode.startswith("a") else 0
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if os.path.islink(path):
+            raise SymlinkRefused(f"{path} is a symbolic link (to {os.readlink(path)}); refusing to write through it: "
+                                 "remove it") from None
+        raise
+    try:
+        if mode.startswith("w"):  # truncate only now that the open did not follow a link
+            os.ftruncate(fd, 0)
+        return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding}))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def atomic_write(path: str, write_fn: Callable[[str], Any]) -> str:

@@ -7,6 +7,8 @@ under ``custom/``).  ``--copy`` copies instead of linking.  An existing differen
 ``scoredistill suite run SUITE.yaml`` / ``scoredistill suite report OUTPUT_DIR``: prompt suites
 (:mod:`scoredistill.suite`).
 
+``scoredistill demo [--threestudio PATH]``: the first run without GPU or weights (:mod:`scoredistill.demo`).
+
 ``scoredistill mesh GAUSSIANS.ply OUT_DIR``: a textured mesh (OBJ + MTL + PNG, GLB, JSON report) from a 3DGS
 PLY, the ``gsplat-mesh-exporter`` outside threestudio (options: ``scoredistill mesh --help``).
 """
@@ -25,6 +27,7 @@ DESCRIPTION = """scoredistill: score-distillation methods (GE3D, LODS, DreamMapp
 commands:
   link THREESTUDIO_ROOT        make the pack visible to a threestudio checkout (custom/scoredistill)
   suite run|report|status ...  prompt suites: run every prompt x config x seed, CLIP report, state
+  demo [--threestudio PATH]    first run without GPU or weights: distil a known scene on the CPU
   mesh GAUSSIANS.ply OUT_DIR   textured mesh (OBJ+MTL+PNG, GLB, JSON) from a 3DGS PLY
 
 'scoredistill COMMAND --help' shows each command's options with their defaults."""
@@ -67,7 +70,12 @@ def main(argv=None) -> int:
                                          "writes a CSV, markdown means and an HTML gallery, 'status' prints each run's state.")
     _add_suite_parser(p_suite)
     _add_mesh_parser(sub)
+    _add_demo_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run as run_demo
+
+        return run_demo(args)
     if args.command == "suite":
         return _suite_main(args)
     if args.command == "mesh":
@@ -93,6 +101,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return text + " (default: %(default)s)"
 
 
+def _add_demo_parser(sub) -> None:
+    from .demo import add_arguments
+
+    p = sub.add_parser("demo", help="first run without GPU or weights: distil a known scene through threestudio's "
+                                    "launch.py on the CPU; writes a video, a PLY, a GLB and a page",
+                       description="Distil a ground-truth scene (exact ground-truth prior, no downloads) through "
+                                   "threestudio's launch.py with a pack config on the CPU (~3 min on 2 cores); writes "
+                                   "OUT/index.html, video.mp4, gaussians.ply, mesh/model.glb (scoredistill.demo).",
+                       formatter_class=_HelpFormatter)
+    add_arguments(p)
+
+
 def _add_suite_parser(p) -> None:
     sub = p.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
     r = sub.add_parser("run", help="run every unfinished prompt x config x seed of a suite", formatter_class=_HelpFormatter)
@@ -106,8 +126,9 @@ def _add_suite_parser(p) -> None:
     rep = sub.add_parser("report", help="CSV, markdown means with CIs and an HTML gallery of a suite's runs", formatter_class=_HelpFormatter)
     rep.add_argument("target", help="a suite's output folder (or its suite file)")
     rep.add_argument("--clip-model", action="append", default=None,
-                     help="CLIPModel name or folder; repeat for several (default openai/clip-vit-large-patch14; "
-                          "bigG: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
+                     help="CLIPModel name or folder for the CLIP score and CLIP R-Precision; repeat for several "
+                          "(default: openai/clip-vit-base-patch32 and openai/clip-vit-large-patch14, B/32 and L/14 as "
+                          "DreamFusion reports; bigG: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)")
     rep.add_argument("--device", default="cpu", help="torch device of the CLIP model")
     rep.add_argument("--panel", default="first", choices=["first", "full"],
                      help="gallery images: the first test view of each run, or the full panel of views")
@@ -135,7 +156,7 @@ def _suite_main(args) -> int:
                     print(runner.summarize(states))
                     return 0
             else:
-                gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+                gpus = None if args.gpus is None else runner.check_gpus(args.gpus, "--gpus")
                 states = runner.run_local(suite, gpus=gpus)
             print(runner.summarize(states))
             return 0 if all(s.get("status") == "done" for s in states.values()) else 1
@@ -143,17 +164,20 @@ def _suite_main(args) -> int:
         if os.path.isfile(target):
             target = spec.load_suite(target).output_dir
         if args.suite_command == "status":
-            from .suite.state import read_state
+            from .suite.state import safe_read_state
 
-            states = {r.run_id: read_state(r.run_dir) for r in runner.load_runs(target)}
+            states = {r.run_id: safe_read_state(r.run_dir) for r in runner.load_runs(target)}
             print(runner.summarize(states))
             return 0
         from .suite import report
 
-        report.write_report(target, args.out, args.clip_model or [report.DEFAULT_CLIP], args.device, args.panel)
+        report.write_report(target, args.out, args.clip_model or list(report.DEFAULT_CLIPS), args.device, args.panel)
         return 0
-    except (spec.SuiteError, FileNotFoundError, RuntimeError) as e:
-        print(f"scoredistill suite: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:  # SuiteError, StateError, unwritable folders: one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        print(f"scoredistill suite: {msg}", file=sys.stderr)
         return 2
 
 

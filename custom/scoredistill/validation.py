@@ -21,6 +21,7 @@ prefixes the field names of a config in a message that names them bare.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -87,14 +88,29 @@ def parse_settings(config_cls, cfg: Any, prefix: str):
         raise ValueError(f"{prefix}: {type(e).__name__}: {e}".replace("\n", " ")) from None
 
 
+def find_registered(type_name: Any, setting: str):
+    """``threestudio.find(type_name)`` with an error naming ``setting`` and the registered names of its kind.
+
+    Before: ``system.guidance_type=no-such-guidance`` raised a bare ``KeyError: 'no-such-guidance'``.
+    """
+    import threestudio
+
+    try:
+        return threestudio.find(type_name)
+    except (KeyError, TypeError):
+        kind = setting.rsplit(".", 1)[-1].replace("_type", "")  # guidance, geometry, prompt_processor, ...
+        word = kind.split("_")[-1]
+        names = sorted(n for n in getattr(threestudio, "__modules__", {}) if word in n)
+        raise ValueError(f"{setting}: {type_name!r} is not a registered threestudio {kind.replace('_', ' ')}; "
+                         f"registered: {', '.join(names) or '(none)'}") from None
+
+
 def validate_guidance_settings(guidance_type: str, guidance_cfg: Any, prefix: str = "system.guidance") -> None:
     """Parse the guidance config and, for the pack's guidances, run its ``validate_config`` without loading models.
 
     The instance is made with ``object.__new__`` and only ``cfg`` set; ``validate_config`` reads only ``cfg``.
     """
-    import threestudio
-
-    cls = threestudio.find(guidance_type)
+    cls = find_registered(guidance_type, prefix + "_type")
     parsed = parse_settings(cls.Config, guidance_cfg, prefix)
     validate = getattr(cls, "validate_config", None)
     if validate is None:
@@ -111,8 +127,61 @@ def validate_prompt_settings(prompt_processor_type: str, cfg: Any, prefix: str =
     prompt = cfg.get("prompt", None) if cfg is not None else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{prefix}.prompt must be a non-empty text prompt, got {prompt!r}")
-    cls = threestudio.find(prompt_processor_type)
-    parse_settings(cls.Config, cfg, prefix)
+    cls = find_registered(prompt_processor_type, prefix + "_type")
+    parsed = parse_settings(cls.Config, cfg, prefix)
+    check_prompt_token_length(parsed, prefix)
+
+
+#: views threestudio's prompt processor appends to the prompt (``view_dependent_prompting``; ``…_front``: prepends)
+_VIEW_SUFFIXES = ("side", "front", "back", "overhead")
+_VIEW_PREFIXES = ("side", "front", "backside", "overhead")
+
+
+@functools.lru_cache(maxsize=4)
+def _local_tokenizer(path: str):
+    """The model's tokenizer from a local folder or the Hugging Face cache (no download), or ``None``."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    except Exception:
+        return None
+
+
+def check_prompt_token_length(parsed: Any, prefix: str = "system.prompt_processor") -> None:
+    """Refuse a prompt (or negative prompt) longer than the text encoder's context, before any model loads.
+
+    threestudio's prompt processors tokenize with ``padding="max_length"`` and no truncation, so a prompt over
+    ``model_max_length`` (77 for SD's CLIP, start and end tokens included) failed inside the text encoder after
+    Stable Diffusion had loaded.  The longest view-dependent form of the prompt (``"<prompt>, overhead view"``;
+    with ``view_dependent_prompt_front``: ``"backside view of <prompt>"``) is what is encoded, so that is counted.
+    Only the tokenizer (a few files) is read, from ``pretrained_model_name_or_path`` locally or from the Hugging
+    Face cache; when it is not there the check is left to the prompt processor.
+    """
+    path = getattr(parsed, "pretrained_model_name_or_path", None)
+    prompt = getattr(parsed, "prompt", None)
+    if not isinstance(path, str) or not isinstance(prompt, str):
+        return
+    tok = _local_tokenizer(path)
+    limit = getattr(tok, "model_max_length", None)
+    if tok is None or not isinstance(limit, int) or limit > 100_000:
+        return
+    texts = {"prompt": [prompt]}
+    if getattr(parsed, "view_dependent_prompting", True):
+        if getattr(parsed, "view_dependent_prompt_front", False):
+            texts["prompt"] += [f"{v} view of {prompt}" for v in _VIEW_PREFIXES]
+        else:
+            texts["prompt"] += [f"{prompt}, {v} view" for v in _VIEW_SUFFIXES]
+    negative = getattr(parsed, "negative_prompt", None)
+    if isinstance(negative, str) and negative:
+        texts["negative_prompt"] = [negative]
+    for key, variants in texts.items():
+        counts = [len(tok(t).input_ids) for t in variants]
+        worst = max(range(len(counts)), key=counts.__getitem__)
+        if counts[worst] > limit:
+            form = "" if variants[worst] == variants[0] else f" in its view-dependent form {variants[worst]!r}"
+            raise ValueError(f"{prefix}.{key} is {counts[worst]} tokens{form}, start and end tokens included; the text "
+                             f"encoder of {path} takes at most {limit}: shorten it by {counts[worst] - limit} tokens")
 
 
 def _check_finite_tree(value: Any, name: str) -> None:
@@ -155,17 +224,23 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
     import threestudio
 
     cfg = system.cfg
+    dm = launch_datamodule()
+    if dm is not None:  # launch.py: its data.* settings too, before the geometry (Shap-E) is built
+        validate_data_settings(dm.cfg, "data")
     validate_prompt_settings(cfg.prompt_processor_type, cfg.prompt_processor)
     source_prompt = getattr(cfg, "source_prompt", None)
     if source_prompt is not None and (not isinstance(source_prompt, str) or not source_prompt.strip()):
         raise ValueError(f"system.source_prompt must be a non-empty text prompt or null, got {source_prompt!r}")
     validate_guidance_settings(cfg.guidance_type, cfg.guidance if guidance_cfg is None else guidance_cfg)
-    geo_cls = threestudio.find(cfg.geometry_type)
+    for key in ("material", "background"):
+        if getattr(cfg, f"{key}_type", None):
+            find_registered(getattr(cfg, f"{key}_type"), f"system.{key}_type")
+    geo_cls = find_registered(cfg.geometry_type, "system.geometry_type")
     from scoredistill.geometry.gaussian_splatting import GsplatGaussianSplatting, check_gaussian_geometry_config
 
     if issubclass(geo_cls, GsplatGaussianSplatting):
         check_gaussian_geometry_config(parse_settings(geo_cls.Config, cfg.geometry, "system.geometry"), "system.geometry")
-    ren_cls = threestudio.find(cfg.renderer_type)
+    ren_cls = find_registered(cfg.renderer_type, "system.renderer_type")
     from scoredistill.renderer.gsplat_rasterizer import GsplatRasterizer, check_rasterizer_config
 
     if issubclass(ren_cls, GsplatRasterizer):
@@ -175,6 +250,9 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
 
         renderer = cfg.renderer if issubclass(ren_cls, GsplatRasterizer) else {}
         validate_strategy_config(dict(cfg.strategy or {}), dict(renderer or {}))
+        check_strategy_schedule(cfg.strategy)
+    check_loss_weights(cfg.loss)
+    check_optimizer_settings(cfg.optimizer)
     # every other number the system reads (after the specific checks above, whose messages give the range)
     _check_finite_tree(cfg.loss, "system.loss")
     _check_finite_tree(cfg.optimizer, "system.optimizer")
@@ -184,11 +262,184 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
             _check_finite_tree(getattr(cfg, key), f"system.{key}")
     exp_type = getattr(cfg, "exporter_type", None)
     if exp_type:
-        exp_cls = threestudio.find(exp_type)
+        exp_cls = find_registered(exp_type, "system.exporter_type")
         parsed = parse_settings(exp_cls.Config, cfg.exporter, "system.exporter")
         check = getattr(exp_cls, "check_config", None)
         if check is not None:
             check(parsed, "system.exporter")
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_optimizer_settings(optimizer: Any, prefix: str = "system.optimizer") -> None:
+    """Every learning rate (``args.lr``, ``params.<group>.lr``) a finite number > 0, and ``name`` an optimizer.
+
+    Before: ``lr=abc`` reached torch as a string (``TypeError: '<' not supported ...``) and ``lr=-1`` gave torch's
+    ``Invalid learning rate: -1`` -- neither naming the setting.
+    """
+    opt = _plain(optimizer)
+    if not isinstance(opt, dict):
+        return
+    name = opt.get("name")
+    if name is not None:
+        import torch
+
+        if not isinstance(name, str) or (name not in ("FusedAdam", "Adan") and
+                                         not isinstance(getattr(torch.optim, name, None), type)):
+            raise ValueError(f"{prefix}.name must be a torch.optim optimizer (Adam, AdamW, SGD, ...), got {name!r}")
+    lrs = []
+    if isinstance(opt.get("args"), dict) and "lr" in opt["args"]:
+        lrs.append((f"{prefix}.args.lr", opt["args"]["lr"]))
+    for group, args in (opt.get("params") or {}).items() if isinstance(opt.get("params"), dict) else ():
+        if isinstance(args, dict) and "lr" in args:
+            lrs.append((f"{prefix}.params.{group}.lr", args["lr"]))
+    for setting, lr in lrs:
+        if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"{setting} must be a finite number > 0, got {lr!r}")
+
+
+def check_loss_weights(loss: Any, prefix: str = "system.loss") -> None:
+    """Every ``lambda_*`` weight >= 0 (a constant or a threestudio schedule ``[start_step, start, end, end_step]``).
+
+    A negative weight is refused, not trained: ``lambda_sds=-1`` turns score distillation into score *ascent*
+    (the render is pushed away from the prompt) and ran silently.  0 turns a term off.
+    """
+    values = _plain(loss)
+    if not isinstance(values, dict):
+        return
+    for key, value in values.items():
+        if not str(key).startswith("lambda_"):
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        for v in numbers:
+            if _is_number(v) and v < 0:
+                raise ValueError(f"{prefix}.{key} must be >= 0 (a loss weight; 0 turns the term off), got {value!r}")
+
+
+def check_strategy_schedule(strategy: Any, prefix: str = "system.strategy") -> None:
+    """Densification schedules that would silently never densify or never let opacity grow.
+
+    * ``refine_start_iter > refine_stop_iter``: gsplat refines only for ``start < step < stop``, so nothing was
+      ever densified;
+    * ``reset_every < refine_every`` (with ``opacity_reset``): every opacity is reset to ``2 * prune_opa`` more
+      often than the model refines, so no Gaussian can become opaque between two resets.
+    To turn densification off use ``type: none``; to turn resets off ``opacity_reset: false``.
+    """
+    st = _plain(strategy) or {}
+    if not isinstance(st, dict) or st.get("type", "default") != "default":
+        return
+    start, stop = st.get("refine_start_iter"), st.get("refine_stop_iter")
+    if _is_number(start) and _is_number(stop) and start > stop:
+        raise ValueError(f"{prefix}.refine_start_iter ({start}) must be <= {prefix}.refine_stop_iter ({stop}): "
+                         f"densification runs only between them (to turn it off: {prefix}.type: none)")
+    every, reset = st.get("refine_every"), st.get("reset_every")
+    if st.get("opacity_reset", True) and _is_number(every) and _is_number(reset) and reset < every:
+        raise ValueError(f"{prefix}.reset_every ({reset}) must be >= {prefix}.refine_every ({every}): opacities "
+                         "reset more often than the model refines never grow (to turn resets off: "
+                         f"{prefix}.opacity_reset: false)")
+
+
+def _int_or_int_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def validate_data_settings(data: Any, prefix: str = "data") -> None:
+    """threestudio's ``random-camera-datamodule`` settings the pack's configs depend on.
+
+    Before: ``data.batch_size=0`` / ``-1``, ``data.width=0``, ``data.height=0`` and ``data.fovy_range=[0, 0]`` were
+    accepted and failed (or rendered NaN cameras) mid-training.  Checked: ``batch_size``, ``width``, ``height``
+    (an integer or one per ``resolution_milestones`` stage) and ``eval_*`` sizes >= 1; ``fovy_range`` two finite
+    degrees ``0 < lo <= hi < 180``; ``eval_fovy_deg`` in ``(0, 180)``; ``camera_distance_range`` ``0 < lo <= hi``;
+    ``elevation_range`` / ``azimuth_range`` ``lo <= hi``; ``n_val_views``, ``n_test_views`` >= 1.
+    """
+    d = _plain(data)
+    if not isinstance(d, dict):
+        return
+    stages = 1 + len(d.get("resolution_milestones") or [])
+    for key in ("batch_size", "width", "height"):
+        if key not in d:
+            continue
+        values = _int_or_int_list(d[key])
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise ValueError(f"{prefix}.{key} must be an integer >= 1 (or a list of them, one per "
+                             f"{prefix}.resolution_milestones stage), got {d[key]!r}")
+        if isinstance(d[key], list) and len(values) != stages:
+            raise ValueError(f"{prefix}.{key} has {len(values)} entries but {prefix}.resolution_milestones gives "
+                             f"{stages} stages")
+    for key in ("eval_batch_size", "eval_width", "eval_height", "n_val_views", "n_test_views"):
+        v = d.get(key)
+        if key in d and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"{prefix}.{key} must be an integer >= 1, got {v!r}")
+
+    def pair(key, low=-math.inf, high=math.inf, open_low=False, open_high=False):
+        if key not in d:
+            return
+        v = d[key]
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) and math.isfinite(x) for x in v)
+        if ok:
+            lo, hi = v
+            ok = lo <= hi and (lo > low if open_low else lo >= low) and (hi < high if open_high else hi <= high)
+        if not ok:
+            rng = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise ValueError(f"{prefix}.{key} must be [lo, hi], two finite numbers with lo <= hi in {rng}, got {v!r}")
+
+    pair("fovy_range", 0, 180, open_low=True, open_high=True)
+    pair("camera_distance_range", 0, open_low=True)
+    pair("elevation_range", -90, 90)
+    pair("azimuth_range")
+    v = d.get("eval_fovy_deg")
+    if "eval_fovy_deg" in d and not (_is_number(v) and 0 < v < 180):
+        raise ValueError(f"{prefix}.eval_fovy_deg must be a number in (0, 180) degrees, got {v!r}")
+
+
+def launch_datamodule(max_depth: int = 40):
+    """The datamodule that threestudio's ``launch.py`` built just before the system (its local ``dm``), found on the
+    call stack while the system is being configured, or ``None`` (another caller).
+
+    launch.py makes ``dm = threestudio.find(cfg.data_type)(cfg.data)`` and then the system, whose ``configure``
+    builds the geometry (Shap-E by default) -- so looking the datamodule up here lets its ``data.*`` settings be
+    checked before anything loads.  The system's ``setup`` hook checks them again through the trainer
+    (:func:`validate_trainer_settings`) for any other caller.
+    """
+    import inspect
+
+    try:
+        import pytorch_lightning as pl
+    except ImportError:  # pragma: no cover
+        return None
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            dm = frame.f_locals.get("dm")
+            if isinstance(dm, pl.LightningDataModule) and getattr(dm, "cfg", None) is not None:
+                return dm
+        return None
+    finally:
+        del frame
+
+
+def validate_trainer_settings(trainer) -> None:
+    """The run's ``data.*`` settings, from the trainer's datamodule (:func:`validate_data_settings`).
+
+    The pack's systems see only ``system.*`` in ``configure``; the datamodule is reachable once Lightning has
+    attached it, in the system's ``setup`` hook -- after the datamodule's own ``setup`` (which accepts these
+    values) and before ``on_fit_start`` loads the text encoder and Stable Diffusion.
+    """
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    cfg = getattr(dm, "cfg", None)
+    if cfg is not None:
+        validate_data_settings(cfg, "data")
 
 
 def defer_config_snapshot(trainer) -> int:
@@ -198,9 +449,14 @@ def defer_config_snapshot(trainer) -> int:
     checkpoint's training state is restored, so a start that fails there would already have replaced an existing
     trial's ``configs/parsed.yaml`` and ``raw.yaml``.  ``on_train_start`` runs after all of it.  Returns the number
     of callbacks deferred (0 when there is no trainer or no snapshot callback, e.g. ``--export``).
+
+    The pack's systems call this from their ``setup`` hook, which is also where the run's ``data.*`` settings
+    become reachable: they are checked first (:func:`validate_trainer_settings`), so a bad one is refused
+    before any model loads and before the snapshot.
     """
     if trainer is None:
         return 0
+    validate_trainer_settings(trainer)
     try:
         from threestudio.utils.callbacks import ConfigSnapshotCallback
     except ImportError:  # pragma: no cover

@@ -112,3 +112,90 @@ class CountingUNet(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["unet"], name)
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+#: Tensor methods / torch functions that wait for the device when their tensor lives on a GPU: value reads
+#: into Python, device-to-host copies, and ops whose output shape depends on tensor values.
+SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
+                "masked_select", "unique", "unique_consecutive", "argwhere")
+
+
+def _is_sync_call(func, args, kwargs) -> str:
+    """The name of ``func`` if calling it on ``args`` synchronises a GPU, else ``""``."""
+    name = getattr(func, "__name__", "")
+    if name == "where" and len(args) == 1 and not kwargs:  # torch.where(cond): nonzero
+        return "where(cond)"
+    if name in SYNC_METHODS:
+        return name
+    if name == "__getitem__" and len(args) > 1:  # boolean-mask indexing: data-dependent shape
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx):
+            return "__getitem__[bool mask]"
+    if name == "repeat_interleave" and "output_size" not in kwargs and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return "repeat_interleave"
+    return ""
+
+
+def _called_from_torch_optim() -> bool:
+    """Whether the innermost caller outside torch's override machinery is in ``torch/optim`` (an optimizer's
+    host-side step count; Lightning runs the whole training step inside ``optimizer.step(closure)``, so this is
+    decided by the calling frame, not by optimizer hooks)."""
+    import sys
+
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename.replace("\\", "/")
+        if not (name.endswith("torch/overrides.py") or name.endswith("bench/counting.py") or "torch/utils/_device" in name):
+            return "/torch/optim/" in name
+        f = f.f_back
+    return False
+
+
+class SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the calls that would synchronise the host with a GPU, while active (a ``TorchFunctionMode``).
+
+    Counted: value reads into Python (``item``, ``tolist``, ``bool()``/``int()``/``float()``/``__index__``),
+    copies to the host (``cpu()``, ``numpy()``; not ``to(device)``, which
+    cannot be told from a host copy on a CPU run -- the pack's step code uses ``.cpu()``) and value-dependent shapes (``nonzero``,
+    ``masked_select``, ``unique``, one-argument ``where``, boolean-mask indexing, ``repeat_interleave``
+    without ``output_size``) -- the calls ``torch.cuda.set_sync_debug_mode("warn")`` reports on CUDA, counted on
+    any device, so that a CPU test states the count a GPU step would have.  Calls on tensors that stay on the
+    host in a GPU run (e.g. a Python-built schedule) are counted too unless the tensor is listed in ``ignore``
+    or the call runs inside :func:`scoredistill.core.sync.host_only` (reads of host tensors the code marks as
+    such) or inside ``torch.optim.Optimizer.step`` (torch's optimizers keep their step count on the host unless
+    ``capturable``; their device maths does not read values).
+
+    ``counts`` maps each call name to its count; ``count`` is the total; ``where`` keeps the first ``keep``
+    call sites (``file:line`` of the caller) for messages.
+    """
+
+    def __init__(self, keep: int = 50):
+        super().__init__()
+        self.counts: dict = {}
+        self.sites: list = []
+        self._keep = keep
+        self._paused = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        from ..core.sync import in_host_only
+
+        if not self._paused and not in_host_only():
+            name = _is_sync_call(func, args, kwargs)
+            if name and _called_from_torch_optim():
+                name = ""
+            if name:
+                self.counts[name] = self.counts.get(name, 0) + 1
+                if len(self.sites) < self._keep:
+                    import traceback
+
+                    frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename
+                              and "counting.py" not in f.filename]
+                    site = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+                    self.sites.append(f"{name} @ {site}")
+        return func(*args, **kwargs)

@@ -256,7 +256,22 @@ def _launch_overrides(repo: str, config: str, tiny: bool, sd_path: str, exp_root
     return [f"exp_root_dir={exp_root}", *tiny_overrides(sd_path), *extra]
 
 
-def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: int, deadline: float, work: str) -> Dict:
+#: the Gaussian configs of the speed section (issue 26), in order of value
+SPEED_CONFIGS = ["ge3d-gs", "lods-embedding-gs", "vdm-gs", "uds-gs", "uds-edit-gs", "gs-sds"]
+
+
+def hubless_overrides(repo: str, config: str) -> List[str]:
+    """What a machine without the model hub needs for a Gaussian config (as the gpu-kit's drive.py): the
+    ``sphere`` init (Shap-E's comes from the hub), a prompt, and ``uds-edit-gs``'s source scene."""
+    prompt = "system.prompt_processor.prompt=a DSLR photo of a hamburger"
+    if config == "uds-edit-gs":
+        return [f"system.source_ply={repo}/load/gt_scenes/cube.ply", "system.source_prompt=a DSLR photo of a cube", prompt]
+    return ["system.geometry.init=sphere", prompt]
+
+
+def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: int, deadline: float, work: str,
+                   profile: bool = False, warmup: int = 2, extra_overrides=None, on_row=None,
+                   per_config_timeout: float = 300.0) -> Dict:
     root = os.environ.get("THREESTUDIO_ROOT")
     if not root or not os.path.isfile(os.path.join(root, "launch.py")):
         raise RuntimeError("THREESTUDIO_ROOT must name a threestudio work tree (launch.py)")
@@ -276,7 +291,8 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
         sd_path = build_sd21_arch_pipeline(os.path.join(work, "sd21-base-arch"), device="cuda")
         sd_desc = f"SD 2.1-base architecture, random weights, fp16 (built in {time.perf_counter() - t0:.0f} s)"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled",
-               SCOREDISTILL_PROBE_STEPS=str(steps), SCOREDISTILL_PROBE_SKIP_TEST="1")
+               SCOREDISTILL_PROBE_STEPS=str(steps), SCOREDISTILL_PROBE_SKIP_TEST="1",
+               SCOREDISTILL_PROBE_PROFILE="1" if profile else "0")
     pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     paths = [pack] + ([os.path.join(repo, "tests", "harness", "stubs")] if tiny else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -292,11 +308,12 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
         runner = [os.path.join(repo, "tests", "harness", "cpu_launch.py")] if tiny else []
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch_probe.py"), *runner, "launch.py", "--config",
                os.path.join(repo, "configs", name + ".yaml"), "--train", "--gpu", "0",
-               *_launch_overrides(repo, name, tiny, sd_path, os.path.join(work, "outputs"))]
+               *_launch_overrides(repo, name, tiny, sd_path, os.path.join(work, "outputs")),
+               *(extra_overrides(repo, name) if extra_overrides else [])]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=root, env=dict(env, SCOREDISTILL_PROBE_OUT=probe), capture_output=True,
-                                  text=True, timeout=min(left - 10, 300))
+                                  text=True, timeout=min(left - 10, per_config_timeout))
             rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
         except subprocess.TimeoutExpired as e:
             rc, tail = "timeout", str(e)[-500:]
@@ -305,7 +322,8 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
             with open(probe) as f:
                 p = json.load(f)
             st = p["step_seconds"]
-            measured = st[2:] if len(st) > 2 else st[-1:]
+            plain = [st[i] for i in p.get("plain_steps", range(len(st))) if i < len(st)]
+            measured = plain[warmup:] if len(plain) > warmup else plain[-1:]
             s_it = statistics.median(measured)
             row.update({
                 "status": "ok" if rc == 0 else f"measured, then exit {rc}",
@@ -316,14 +334,109 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
                 "max_steps": p["max_steps"], "device": p["device"],
                 "estimated_total_min_EXTRAPOLATION": s_it * p["max_steps"] / 60.0,
             })
+            for k in ("profile", "syncs", "kernels"):
+                if k in p:
+                    row[k] = p[k]
         else:
             row.update({"status": f"failed (exit {rc})", "output_tail": tail})
         if rc != 0:
             row["output_tail"] = tail
         rows.append(row)
+        if on_row:
+            on_row({"model": sd_desc, "steps_per_config": steps, "rows": list(rows), "partial": True})
     return {"model": sd_desc, "steps_per_config": steps, "rows": rows,
             "note": "estimated_total_min_EXTRAPOLATION = median s/it over the measured steps × trainer.max_steps; "
                     "an extrapolation from a few steps, not a measured run time"}
+
+
+def section_speed(repo: str, tiny: bool, configs: Optional[List[str]], steps: int, deadline: float, work: str,
+                  on_row=None) -> Dict:
+    """Issue 26: each Gaussian config at its own settings through ``launch.py`` with the probe's profile mode
+    (:mod:`scoredistill.bench.launch_probe`): s/it (median of the plain steps after 3 warm-up steps), peak
+    memory, a per-step GPU-time profile (render, VAE, UNet, backward, optimizer, densify, other), the count of
+    synchronising CUDA calls in one step (``set_sync_debug_mode("warn")``; CPU: :class:`SyncCounter`), and a
+    ``torch.profiler`` step (GPU busy time, host gap, top operators).  Results are written after every config."""
+    extra = None if tiny else hubless_overrides
+    res = section_launch(repo, tiny, configs or (["uds-gs"] if tiny else SPEED_CONFIGS), steps, deadline, work,
+                         profile=True, warmup=3, extra_overrides=extra, on_row=on_row,
+                         per_config_timeout=400.0 if tiny else 150.0)
+    res["note"] = ("s_per_it: median of the plain (uninstrumented) steps after 3 warm-up steps; the last 3 steps "
+                   "are instrumented (profile, syncs, kernels). " + res.get("note", ""))
+    return res
+
+
+def section_parity(tiny: bool) -> Dict:
+    """Issue 26: the fast / memory paths against the plain ones, and CPU against CUDA, in float32 with TF32 off
+    (tiny SD, so it takes seconds): max |difference| / max |reference| of
+
+    * ``unet_cpu_vs_device``: the tiny UNet's output on the CPU and on the device;
+    * ``lods_eq8_grad_checkpointing``: LODS' Eq. 8 α-gradient with and without UNet activation checkpointing;
+    * ``vae_encoder_grad_checkpointing``: the render gradient through the VAE encoder with and without;
+    * ``step_if_finite_vs_step``: the device-side finite-step decision (capturable Adam on CUDA) against a plain
+      ``Adam.step()`` over 5 steps.
+    Tiny mode runs the same on the CPU (device = CPU: a plumbing check, labelled)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..guidance import memory
+    from ..guidance.finite import finite_ok, make_capturable, step_if_finite
+
+    dev = "cpu" if tiny else "cuda"
+    from ..testing.tiny_models import build_tiny_stable_diffusion
+
+    sd = build_tiny_stable_diffusion(os.path.join(os.environ.get("SCOREDISTILL_GPU_SUITE_WORK", "/tmp"), "tiny-sd-parity"))
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def rel(a, b):
+        a, b = a.double().cpu(), b.double().cpu()
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    out = {"device": dev, "comparison": "CPU vs CPU (plumbing check, tiny mode)" if tiny else "CPU vs CUDA, fp32, TF32 off"}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet").eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae").eval().requires_grad_(False)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        e = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+        t = torch.tensor([100, 800])
+        with torch.no_grad():
+            ref = unet(x, t, encoder_hidden_states=e).sample
+            unet.to(dev)
+            got = unet(x.to(dev), t.to(dev), encoder_hidden_states=e.to(dev)).sample
+        out["unet_cpu_vs_device"] = rel(got, ref)
+        grads = []
+        for on in (False, True):
+            u = UNet2DConditionModel.from_pretrained(sd, subfolder="unet").eval().requires_grad_(False).to(dev)
+            if on:
+                memory.enable_activation_checkpointing(memory.unet_blocks(u))
+            alpha = e.to(dev).clone().requires_grad_(True)
+            loss = (u(x.to(dev), t.to(dev), encoder_hidden_states=alpha).sample - x.to(dev)).pow(2).mean()
+            grads.append(torch.autograd.grad(loss, [alpha])[0])
+        out["lods_eq8_grad_checkpointing"] = rel(grads[1], grads[0])
+        grads = []
+        for on in (False, True):
+            v = AutoencoderKL.from_pretrained(sd, subfolder="vae").eval().requires_grad_(False).to(dev)
+            if on:
+                memory.enable_activation_checkpointing(memory.vae_encoder_blocks(v))
+            img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_(True)
+            lat = v.encode(img * 2 - 1).latent_dist.mean
+            grads.append(torch.autograd.grad(lat.pow(2).sum(), [img])[0])
+        out["vae_encoder_grad_checkpointing"] = rel(grads[1], grads[0])
+        p0 = torch.randn(1000, generator=g)
+        a = torch.nn.Parameter(p0.clone().to(dev))
+        b = torch.nn.Parameter(p0.clone().to(dev))
+        oa = torch.optim.Adam([a], lr=0.01)
+        ob = torch.optim.Adam([b], lr=0.01, **make_capturable(torch.optim.Adam, [b], {}))
+        for i in range(5):
+            gr = torch.randn(1000, generator=g).to(dev)
+            a.grad, b.grad = gr.clone(), gr.clone()
+            oa.step()
+            step_if_finite(ob, finite_ok(None, [b.grad]))
+        out["step_if_finite_vs_step"] = rel(b.detach(), a.detach())
+        out["optimizer"] = "Adam(capturable=True) vs Adam()" if not tiny else "Adam() vs Adam()"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -351,9 +464,19 @@ def run_suite(mode: str, out: str, repo: str, budget_s: float, launch_configs=No
         ("cost", lambda: section_cost(tiny)),
         ("launch", lambda: section_launch(repo, tiny, launch_configs or (["ge3d-gs"] if tiny else None),
                                           launch_steps or (3 if tiny else 6), deadline, work)),
+        # issue 26 (only when named in --sections): parity first (seconds), then the per-config speed runs
+        ("parity", lambda: section_parity(tiny)),
+        ("speed", lambda: section_speed(repo, tiny, launch_configs, launch_steps or (6 if tiny else 12), deadline, work,
+                                        on_row=lambda partial: _partial("speed", partial))),
     ]
+
+    def _partial(name, partial):
+        result["sections"][name] = partial
+        result["elapsed_s"] = time.time() - start
+        _write(out, result)
+
     for name, fn in plan:
-        if sections and name not in sections:
+        if (sections and name not in sections) or (not sections and name in ("parity", "speed")):
             continue
         t0 = time.perf_counter()
         if time.time() > deadline - 20:
@@ -393,7 +516,41 @@ def format_report(result: Dict) -> str:
             else:
                 out.append(f"| {r['config']} | {r['status']} | | | {PAPER_TIMES.get(r['config'], '')} |")
         out.append("")
-    for k in ("render_compare", "render_speed", "cost", "cuda_tests"):
+    sp = secs.get("speed", {})
+    if "rows" in sp:
+        out += [f"Speed per config (issue 26; {sp['model']}; {sp['steps_per_config']} steps each, s/it over the plain "
+                "steps after 3 warm-up):", "",
+                "| config | s/it | peak alloc GiB | peak reserved GiB | syncs in one step | GPU busy / wall (host gap) |",
+                "|---|---|---|---|---|---|"]
+        for r in sp["rows"]:
+            if "s_per_it" not in r:
+                out.append(f"| {r['config']} | {r['status']} | | | | |")
+                continue
+            sy, kn = r.get("syncs", {}), r.get("kernels", {})
+            busy = (f"{kn['gpu_busy_seconds']:.3f} / {kn['wall_seconds']:.3f} s ({kn['host_gap_seconds']:.3f})"
+                    if kn else "n/a")
+            out.append(f"| {r['config']} | {r['s_per_it']:.3f} | {_f(r['peak_vram_gib'])} | {_f(r['peak_reserved_gib'])} | "
+                       f"{sy.get('count', 'n/a')} | {busy} |")
+        out += ["", "Per-step GPU time by part (seconds; CUDA events, one step):", "",
+                "| config | step | render | vae | unet | backward | optimizer | densify | other |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in sp["rows"]:
+            pr = r.get("profile")
+            if pr:
+                pp = pr["parts_seconds"]
+                out.append(f"| {r['config']} | {pr['gpu_step_seconds']:.4f} | " + " | ".join(
+                    f"{pp[k]:.4f}" for k in ("render", "vae", "unet", "backward", "optimizer", "densify"))
+                    + f" | {pr['other_seconds']:.4f} |")
+        for r in sp["rows"]:
+            if r.get("syncs", {}).get("sites"):
+                out.append(f"- {r['config']} sync sites: " + ", ".join(f"{k} ×{v}" for k, v in list(r["syncs"]["sites"].items())[:8]))
+        out.append("")
+    pa = secs.get("parity", {})
+    if "comparison" in pa:
+        out += [f"Parity ({pa['comparison']}; max |diff| / max |ref|): " + ", ".join(
+            f"{k} {_f(pa.get(k), '.2e')}" for k in ("unet_cpu_vs_device", "lods_eq8_grad_checkpointing",
+                                                    "vae_encoder_grad_checkpointing", "step_if_finite_vs_step")), ""]
+    for k in ("render_compare", "render_speed", "cost", "cuda_tests", "speed", "parity"):
         s = secs.get(k, {})
         if "error" in s:
             out += [f"{k}: {s['error']}", ""]

@@ -126,7 +126,7 @@ def render_gaussians(params: Dict[str, torch.Tensor], c2w: torch.Tensor, fovy: t
         viewmats, Ks = threestudio_to_gsplat_cameras(c2w[i:i + chunk].float(), fovy[i:i + chunk].float(), size, size)
         fg, alpha, _ = rasterize(act["means"], act["quats"], act["scales"], act["opacities"], act["colors"], viewmats,
                                  Ks, size, size, near_plane=0.01, sh_degree=0)
-        rgb = fg + (1.0 - alpha) * torch.tensor(background, dtype=fg.dtype)  # as GsplatRasterizer composites
+        rgb = fg + (1.0 - alpha) * torch.tensor(background, dtype=fg.dtype, device=fg.device)  # as GsplatRasterizer composites
         rgbs.append(rgb.clamp(0, 1))
         alphas.append(alpha)
     return torch.cat(rgbs), torch.cat(alphas)

@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .sync import host_only
+
 Timestep = Union[int, torch.Tensor]
 
 #: SDS weighting strategies accepted by :func:`sds_weight` by default
@@ -54,9 +56,10 @@ def abar_at(alphas_cumprod: torch.Tensor, t: Timestep, like: torch.Tensor) -> to
         t = t.round()
     t = t.long()
     if t.numel():
-        if t.device.type == "cpu":
-            if int(t.min()) < 0 or int(t.max()) >= T:
-                raise ValueError(f"timestep must be in [0, {T}), got {t.tolist()}")
+        if t.device.type == "cpu":  # a host tensor: reading it is no device sync
+            with host_only():
+                if int(t.min()) < 0 or int(t.max()) >= T:
+                    raise ValueError(f"timestep must be in [0, {T}), got {t.tolist()}")
         else:  # a device-side check: no host-device sync in the hot path (fails at the next sync)
             torch._assert_async(((t >= 0) & (t < T)).all(), f"timestep must be in [0, {T})")
     a = alphas_cumprod[t.reshape(-1).to(alphas_cumprod.device)].to(device=like.device, dtype=like.dtype)

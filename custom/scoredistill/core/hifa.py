@@ -24,6 +24,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .sync import host_only
+
 # ----------------------------------------------------------------------------------------------
 # SDS+ (Eq. 2-4)
 # ----------------------------------------------------------------------------------------------
@@ -150,9 +152,12 @@ def ddim_denoise(
     scheduler.set_timesteps(T // stride)
     out = torch.empty_like(z_t)
     n_calls = 0
-    t = t.long()
-    for t0 in torch.unique(t).tolist():
-        idx = (t == t0).nonzero(as_tuple=True)[0]
+    # the number of DDIM steps depends on each t: the grouping runs on a host copy of t (pass t on the CPU, as
+    # hifa-guidance does, and nothing here waits for the device; a device t costs one copy to the host)
+    t_host = t.long() if t.device.type == "cpu" else t.long().cpu()
+    for t0 in _host_values(t_host):
+        with host_only():
+            idx = (t_host == t0).nonzero(as_tuple=True)[0].to(z_t.device)
         z = z_t[idx]
         for tau in ddim_schedule(t0, stride):
             tb = torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device)
@@ -164,6 +169,11 @@ def ddim_denoise(
             z = scheduler.step(eps, tau, z, eta=eta, variance_noise=noise).prev_sample
         out[idx] = z
     return out, n_calls
+
+
+def _host_values(t_host: torch.Tensor) -> list:
+    with host_only():
+        return torch.unique(t_host).tolist()
 
 
 def sds_plus_loss(

@@ -21,6 +21,7 @@ gsplat's ``strategy.ops.reset_opa`` (idempotent, so a fixed gsplat would not res
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import fields
 from typing import Any, Dict, Optional
@@ -192,6 +193,47 @@ def scheduled_lr(step: int, lr_init: float, lr_final: Optional[float], max_steps
     return float(delay_rate * lr)
 
 
+def static_update_state(strategy, params, state: Dict[str, Any], info: Dict[str, Any], packed: bool = False) -> None:
+    """gsplat ``DefaultStrategy._update_state`` (the running screen-space gradient / visibility / radius
+    statistics of every training step) at static shapes: no host-device sync (issue 26).
+
+    gsplat's non-packed path selects the visible (camera, Gaussian) pairs with ``torch.where(sel)`` and
+    ``grads[sel]`` -- two data-dependent shapes, i.e. two GPU syncs per step.  Here every camera's contribution is
+    added with ``torch.where(sel[c], value, 0)`` in gsplat's order (camera 0 first), which gives the same float32
+    sums (``x + 0.0 = x``); the radius update reproduces gsplat's index-put (the value of the last camera that
+    sees a Gaussian, from the statistics before this step).  The packed path has no data-dependent shape and is
+    gsplat's own.
+    """
+    if packed:
+        return type(strategy)._update_state(strategy, params, state, info, packed=True)
+    for key in ["width", "height", "n_cameras", "radii", "gaussian_ids", strategy.key_for_gradient]:
+        assert key in info, f"{key} is required but missing."
+    g = info[strategy.key_for_gradient]
+    grads = (g.absgrad if strategy.absgrad else g.grad).clone()
+    grads[..., 0] *= info["width"] / 2.0 * info["n_cameras"]
+    grads[..., 1] *= info["height"] / 2.0 * info["n_cameras"]
+    n_gaussian = len(list(params.values())[0])
+    if state["grad2d"] is None:
+        state["grad2d"] = torch.zeros(n_gaussian, device=grads.device)
+    if state["count"] is None:
+        state["count"] = torch.zeros(n_gaussian, device=grads.device)
+    if strategy.refine_scale2d_stop_iter > 0 and state["radii"] is None:
+        state["radii"] = torch.zeros(n_gaussian, device=grads.device)
+    sel = (info["radii"] > 0.0).all(dim=-1)  # [C, N]
+    norms = grads.norm(dim=-1)  # [C, N]
+    zero = norms.new_zeros(())
+    for c in range(sel.shape[0]):
+        state["grad2d"].add_(torch.where(sel[c], norms[c], zero))
+        state["count"].add_(sel[c].to(state["count"].dtype))
+    if strategy.refine_scale2d_stop_iter > 0:
+        r = info["radii"].max(dim=-1).values / float(max(info["width"], info["height"]))  # [C, N]
+        old = state["radii"]
+        new = old
+        for c in range(sel.shape[0]):
+            new = torch.where(sel[c], torch.maximum(old, r[c].to(old.dtype)), new)
+        state["radii"].copy_(new)
+
+
 class GaussianDensifier:
     """gsplat strategy + state + opacity reset for a ``ParameterDict`` and a shared optimizer.
 
@@ -227,6 +269,8 @@ class GaussianDensifier:
             self.strategy = cls(**cfg)
         if self.type == "default":
             self.state = self.strategy.initialize_state(scene_scale=self.scene_scale)
+            # the running statistics without host-device syncs (issue 26; same values, see static_update_state)
+            self.strategy._update_state = functools.partial(static_update_state, self.strategy)
         elif self.type == "mcmc":
             self.state = self.strategy.initialize_state()
         else:
@@ -326,7 +370,7 @@ class GaussianDensifier:
             with dist.shared_rng(self._shared_seed + int(step), device):
                 yield
         finally:
-            del strategy._update_state  # back to the class method
+            strategy._update_state = original  # back to the static update
 
     def _enforce_max_num(self, params, optimizers) -> None:
         """Hard cap: a refinement that overshoots ``max_num`` drops the least opaque Gaussians (gsplat's ``remove``)."""

@@ -243,6 +243,45 @@ def _check_finite(path: str, setting: Optional[str], named: Dict[str, Tensor]) -
         )
 
 
+#: log-scales a 3DGS PLY may hold: ``exp(20)`` ~ 4.9e8 scene units, ``exp(-40)`` ~ 4e-18 (its square is still a normal
+#: float32).  Beyond, ``exp`` and the covariance ``R S S^T R^T`` overflow or underflow float32 (log-scale 100 made
+#: ``scoredistill mesh`` raise ``OverflowError`` and a PLY ``init_path`` crash mid-training).
+LOG_SCALE_RANGE = (-40.0, 20.0)
+#: largest ``|x|, |y|, |z|`` of a Gaussian's mean (means near float32's 3.4e38 hung the mesh export in xatlas)
+MAX_ABS_MEAN = 1e6
+
+
+def _check_ranges(path: str, setting: Optional[str], params: Dict[str, Tensor]) -> None:
+    """Finite but unusable values, refused naming the file, the property, how many Gaussians and the range."""
+    lo, hi = LOG_SCALE_RANGE
+    problems = []
+    s = params["scales"]
+    out = ((s < lo) | (s > hi)).any(dim=1) if s.numel() else torch.zeros(0, dtype=torch.bool)
+    if bool(out.any()):
+        problems.append(f"scale_* (log-scales) of {int(out.sum())} Gaussians outside [{lo:g}, {hi:g}] "
+                        f"(min {float(s.min()):.4g}, max {float(s.max()):.4g})")
+    m = params["means"]
+    far = (m.abs() > MAX_ABS_MEAN).any(dim=1) if m.numel() else torch.zeros(0, dtype=torch.bool)
+    if bool(far.any()):
+        problems.append(f"x/y/z of {int(far.sum())} Gaussians beyond +-{MAX_ABS_MEAN:g} (max |x| {float(m.abs().max()):.4g})")
+    q = params["quats"]
+    zero = (q.norm(dim=1) == 0) if q.numel() else torch.zeros(0, dtype=torch.bool)
+    if bool(zero.any()):
+        problems.append(f"rot_* of {int(zero.sum())} Gaussians all zero (not a rotation)")
+    if problems:
+        raise ValueError(f"{_where(path, setting)}: the PLY holds values out of range: " + "; ".join(problems))
+
+
+def _sh_degree_of(path: str, setting: Optional[str], n_rest: int) -> int:
+    if n_rest % 3:
+        raise ValueError(f"{_where(path, setting)}: {n_rest} f_rest_* properties is not a multiple of 3")
+    k = 1 + n_rest // 3
+    if int(round(k ** 0.5)) ** 2 != k or k > 16:
+        raise ValueError(f"{_where(path, setting)}: {n_rest} f_rest_* properties ({k} SH coefficients per channel) is "
+                         "not an SH degree 0..3 (0, 9, 24 or 45 f_rest values)")
+    return sh_degree_from_bases(k)
+
+
 def ply_sh_degree(path: str, setting: Optional[str] = None) -> int:
     """SH degree of a 3DGS PLY, from its header only (the ``f_rest_*`` property count)."""
     names = []
@@ -258,9 +297,7 @@ def ply_sh_degree(path: str, setting: Optional[str] = None) -> int:
     except OSError as e:
         raise ValueError(f"{_where(path, setting)}: cannot read the PLY header: {e}") from e
     n_rest = len([p for p in names if p.startswith("f_rest_")])
-    if n_rest % 3:
-        raise ValueError(f"{_where(path, setting)}: {n_rest} f_rest_* properties is not a multiple of 3")
-    return sh_degree_from_bases(1 + n_rest // 3)
+    return _sh_degree_of(path, setting, n_rest)
 
 
 def load_gaussians_ply(
@@ -283,7 +320,8 @@ def load_gaussians_ply(
 
     Raises:
         ValueError (naming the file and ``setting``): unreadable/truncated PLY, a required property missing,
-            an ``f_rest`` count that is not ``3 * (K - 1)``, non-finite values, or more SH bands than
+            an ``f_rest`` count that is not ``3 * (K - 1)`` for an SH degree 0..3, non-finite values, log-scales
+            outside :data:`LOG_SCALE_RANGE`, means beyond :data:`MAX_ABS_MEAN`, an all-zero rotation, or more SH bands than
             ``sh_degree`` without ``drop_sh_bands``.
     """
     ply = _read_ply(path, setting)
@@ -296,9 +334,7 @@ def load_gaussians_ply(
     if missing:
         raise ValueError(f"{_where(path, setting)}: not a 3D Gaussian PLY, missing vertex properties {missing}")
     n_rest = len([p for p in names if p.startswith("f_rest_")])
-    if n_rest % 3:
-        raise ValueError(f"{_where(path, setting)}: {n_rest} f_rest_* properties is not a multiple of 3")
-    file_degree = sh_degree_from_bases(1 + n_rest // 3)
+    file_degree = _sh_degree_of(path, setting, n_rest)
     degree = file_degree if sh_degree is None else int(sh_degree)
     k = num_sh_bases(degree)
     if file_degree > degree and not drop_sh_bands:
@@ -330,6 +366,7 @@ def load_gaussians_ply(
         "x/y/z": out["means"], "scale_*": out["scales"], "rot_*": out["quats"], "opacity": out["opacities"],
         "f_dc_*": out["sh0"], "f_rest_*": out["shN"],
     })
+    _check_ranges(path, setting, out)
     return out
 
 

@@ -143,6 +143,11 @@ class ScoreDistillationGuidance(BaseObject):
         #: torch.compile the UNet (nn.Module.compile(**compile_unet_params))
         compile_unet: bool = False
         compile_unet_params: Optional[dict] = field(default_factory=dict)
+        #: recompute the UNet blocks' activations in the backward where a gradient flows through the UNet
+        #: (LODS' Eq. 8/10 loss): same values, less memory (scoredistill.guidance.memory)
+        unet_activation_checkpointing: bool = True
+        #: the same for the VAE encoder in the render -> latents backward (one more encoder forward per step)
+        vae_activation_checkpointing: bool = True
         #: consecutive skipped (non-finite) optimizer steps that stop the run; null = the system's
         #: ``system.max_nonfinite_skips`` (pack systems) or 10 (e.g. threestudio's dreamfusion-system)
         max_nonfinite_skips: Optional[int] = None

@@ -31,6 +31,10 @@ checkpoint also records the run's identity (``checkpoint["scoredistill_run"]``: 
 -- or whose checkpoint holds the trained state of another guidance, or none for a guidance that keeps one --
 is refused with a ``ValueError`` naming the checkpoint and the setting, before any step.
 
+A checkpoint holding a NaN or inf in a module weight, a guidance state or an optimizer moment is refused the
+same way, naming the tensor (before: every step was skipped as non-finite, the run exited 0 and wrote a PLY of
+NaNs that the pack's own loader refuses).
+
 Files are read with ``torch.load(weights_only=True)`` only (no fallback to full unpickling: a checkpoint
 holding pickled objects is refused, never executed).
 """
@@ -51,6 +55,7 @@ __all__ = [
     "check_resume_compatible",
     "find_calling_lightning_module",
     "load_checkpoint_file",
+    "non_finite_tensors",
     "run_identity",
 ]
 
@@ -160,12 +165,47 @@ def check_resume_compatible(system, checkpoint: Dict[str, Any], path: Any) -> No
             f"it holds the trained state of {', '.join(foreign)} (checkpoint['{CHECKPOINT_KEY}']), "
             f"not of this config's system.guidance_type={guidance!r}"
         )
+    bad = non_finite_tensors(checkpoint)
+    if bad:
+        shown = "; ".join(f"{name}: {n} of {total} values" for name, n, total in bad[:5])
+        more = f" (and {len(bad) - 5} more tensors)" if len(bad) > 5 else ""
+        problems.append(f"it holds non-finite (NaN/inf) tensors: {shown}{more} -- every step from it would be "
+                        "skipped; resume from an earlier checkpoint of the trial (ckpts/epoch=*-step=*.ckpt)")
     if problems:
         raise ValueError(
             f"resume={path}: this checkpoint cannot be resumed with this config: {'; '.join(problems)}. A resume "
             "continues the checkpoint's own run: resume with its trial's configs/parsed.yaml, or start a new trial "
             "(system.weights=<checkpoint> loads only the module weights)"
         )
+
+
+#: checkpoint entries whose floating-point tensors must be finite for a resume (module weights, the guidances' own
+#: trained state, the optimizer's moments)
+_FINITE_KEYS = ("state_dict", CHECKPOINT_KEY, "optimizer_states")
+
+
+def non_finite_tensors(checkpoint: Dict[str, Any]):
+    """``[(name, non_finite_count, numel)]`` of every floating-point tensor under :data:`_FINITE_KEYS` holding NaN
+    or inf, named by its path (``state_dict['geometry.params.means']``)."""
+    out = []
+
+    def walk(value, name):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                n = int((~torch.isfinite(value)).sum())
+                if n:
+                    out.append((name, n, value.numel()))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{name}[{k!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{name}[{i}]")
+
+    for key in _FINITE_KEYS:
+        if key in checkpoint:
+            walk(checkpoint[key], key)
+    return out
 
 
 def _running_ckpt_path(system) -> Optional[str]:

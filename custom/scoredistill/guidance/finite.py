@@ -47,6 +47,9 @@ __all__ = [
     "clone_state",
     "get_finite_guard",
     "install_finite_guard",
+    "finite_ok",
+    "make_capturable",
+    "step_if_finite",
     "step_is_finite",
     "validate_max_nonfinite_skips",
 ]
@@ -97,6 +100,58 @@ def step_is_finite(loss: Optional[torch.Tensor], grads) -> bool:
     if loss is not None:
         checks.append(torch.isfinite(loss.detach()).all().to(checks[0].device if checks else loss.device))
     return bool(torch.stack(checks).all()) if checks else True
+
+
+def finite_ok(loss: Optional[torch.Tensor], grads) -> torch.Tensor:
+    """The rule of :func:`step_is_finite` as a 0-dim bool tensor on the device: no host read (issue 26)."""
+    grads = [g for g in grads if g is not None]
+    checks = []
+    if grads:
+        norms = torch._foreach_norm(grads)
+        checks.append(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()))
+    if loss is not None:
+        checks.append(torch.isfinite(loss.detach()).all().to(checks[0].device if checks else loss.device))
+    if not checks:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(checks).all()
+
+
+def make_capturable(optimizer_cls, params, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` plus ``capturable=True`` when ``params`` live on CUDA and the optimizer class takes it (Adam,
+    AdamW, ...) and the caller did not choose: its step count then lives on the device, so that
+    :func:`step_if_finite` decides without a host read.  The update is the same up to float32 rounding (the bias
+    corrections are computed on the device)."""
+    import inspect
+
+    params = list(params)
+    kwargs = dict(kwargs)
+    if (params and params[0].is_cuda and "capturable" not in kwargs
+            and "capturable" in inspect.signature(optimizer_cls.__init__).parameters):
+        kwargs["capturable"] = True
+    return kwargs
+
+
+def step_if_finite(optimizer, ok: torch.Tensor) -> None:
+    """``optimizer.step()`` applied only where ``ok`` (0-dim bool tensor, e.g. :func:`finite_ok`) is true, decided
+    on the device: parameters and optimizer state tensors are kept and restored with ``torch.where(ok, new, old)``
+    -- exact: a skipped step leaves every value bit-identical, a taken step is ``optimizer.step()``.
+
+    Falls back to one host read (``bool(ok)``) for the optimizer's first step (its state is created lazily, and a
+    skipped first step must leave it absent) and when some state lives on another device than ``ok`` (e.g.
+    torch's non-capturable Adam keeps its step count on the host; see :func:`make_capturable`)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    tensors = [p.data for p in params] + [v for p in params for v in optimizer.state.get(p, {}).values()
+                                          if torch.is_tensor(v)]
+    if not optimizer.__dict__.get("_scoredistill_stepped") or any(t.device != ok.device for t in tensors):
+        if bool(ok):  # host decision (first step / host-held state)
+            optimizer.step()
+            optimizer.__dict__["_scoredistill_stepped"] = True
+        return
+    saved = [t.detach().clone() for t in tensors]
+    optimizer.step()
+    with torch.no_grad():
+        for t, old in zip(tensors, saved):
+            t.copy_(torch.where(ok, t, old))
 
 
 class FiniteStepGuard:

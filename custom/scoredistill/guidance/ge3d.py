@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..core.sync import host_only
+
 from ..core.diffusion import add_noise, ddim_step, linear_anneal
 
 #: ``eps_fn(x (B,C,H,W), t: int) -> ε (B,C,H,W)``
@@ -143,7 +145,8 @@ def random_trajectory(
         raise ValueError(f"n_steps must be >= 1, got {n}")
     if jump_max <= jump_min or jump_min < 1:
         raise ValueError(f"need 1 <= jump_min < jump_max, got {jump_min}, {jump_max}")
-    jumps = torch.randint(jump_min, jump_max, (n,), generator=generator).tolist()
+    with host_only():  # drawn on the host (CPU generator): no device read
+        jumps = torch.randint(jump_min, jump_max, (n,), generator=generator).tolist()
     nodes = [int(max_timestep)]
     for j in reversed(jumps):
         nodes.append(nodes[-1] - int(j))

@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 import torch
 
 from .._registry import register
+from ..core.sync import host_only
 from .base import ScoreDistillationGuidance, _primitive
 from .ge3d import (
     annealed_trajectory_params,
@@ -140,8 +141,9 @@ class GE3DGuidance(ScoreDistillationGuidance):
             out[f"ge3d_t{i}"] = int(t)
         # weights: the host tensor of current_weights() (no device read); residuals stay 0-d device tensors, read
         # only when the system logs them (a .tolist() here would wait for the whole step's GPU work each step)
-        for i, w in enumerate(weights.tolist()):
-            out[f"ge3d_w{i}"] = float(w)
+        with host_only():
+            for i, w in enumerate(weights.tolist()):
+                out[f"ge3d_w{i}"] = float(w)
         for i in range(len(timesteps) - 1):
             out[f"ge3d_res{i}"] = info["residuals"][i].detach()
         return out

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import register
-from ..core.diffusion import add_noise
+from ..core.diffusion import add_noise, sample_timesteps
 from ..core.hifa import DENOISED_TARGETS, OMEGA_WEIGHTINGS, ddim_denoise, ddim_stride, omega_weight, tweedie_denoise
 from .base import ScoreDistillationGuidance
 
@@ -91,7 +91,11 @@ class HiFAGuidance(ScoreDistillationGuidance):
     def compute_grad(self, latents, prompt_utils, elevation, azimuth, camera_distances, hifa_image=None, **kwargs) -> Dict[str, Any]:
         B = latents.shape[0]
         calls0 = self.unet_calls
-        t = self.sample_timesteps(B)
+        if self.cfg.denoised_target == "tweedie":
+            t = self.sample_timesteps(B)
+        else:  # the DDIM target's step count depends on t: drawn on the host, so no device read groups it
+            t_host = sample_timesteps(B, self.min_step, self.max_step, device="cpu")
+            t = t_host.to(self.device)
         emb = self.text_embeddings_for(prompt_utils, elevation, azimuth, camera_distances)
         with torch.no_grad():
             noise = torch.randn_like(latents)
@@ -108,7 +112,7 @@ class HiFAGuidance(ScoreDistillationGuidance):
                     )["noise_pred"]
 
                 z_hat, _ = ddim_denoise(
-                    eps_fn, z_t, t, self.ddim_scheduler, self.cfg.ddim_step_ratio, self.cfg.ddim_eta
+                    eps_fn, z_t, t_host, self.ddim_scheduler, self.cfg.ddim_step_ratio, self.cfg.ddim_eta
                 )
         omega = omega_weight(self.alphas_cumprod, t, self.cfg.weighting_strategy).to(latents)
         om = omega.view(-1, 1, 1, 1)

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .finite import step_is_finite
+from .finite import finite_ok, make_capturable, step_if_finite
 from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
 from ..distributed import all_reduce_grads_
 
@@ -337,6 +337,11 @@ class LODSLearner:
         self.last_update_skipped = False
         self.aux_steps = 0
         if variant == "lora":
+            # the adapter is switched on for the LoRA branch's call only: a checkpointed block would recompute it
+            # without the adapter in the backward, so the UNet's activation checkpointing is off for this variant
+            for m in unet.modules():
+                if getattr(m, "_scoredistill_checkpointed", False):
+                    m._scoredistill_checkpoint_off = True
             self.lora_params = add_lora_adapter(
                 unet, lora_rank, lora_alpha, lora_target_modules, lora_scale, lora_adapter_name, lora_init
             )
@@ -351,7 +356,7 @@ class LODSLearner:
 
     def _make_optimizer(self) -> None:
         cls = getattr(torch.optim, self.optimizer_name)
-        self.optimizer = cls(self.parameters(), lr=self.lr, **self.optimizer_args)
+        self.optimizer = cls(self.parameters(), lr=self.lr, **make_capturable(cls, self.parameters(), self.optimizer_args))
 
     def initialise_alpha(self, uncond: torch.Tensor) -> None:
         """α ← the unconditional (null) embedding (Alg. 2 line 2); ``uncond`` ``(L, E)`` or ``(B, L, E)`` (first used)."""
@@ -393,9 +398,12 @@ class LODSLearner:
             return e_c, e_u
 
     # ------------------------------------------------------------------ step (b)
-    def _apply_aux_loss(self, loss: torch.Tensor) -> bool:
+    def _apply_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Optimizer step of α / ψ on ``loss``, only if the loss and every gradient are finite (else skipped:
-        α / ψ and the optimizer moments untouched, ``nonfinite_skips`` counted).  Returns whether it was applied."""
+        α / ψ and the optimizer moments untouched, ``nonfinite_skips`` counted).  Returns whether it was applied,
+        as a 0-dim bool tensor: the decision is taken on the device (:func:`~.finite.step_if_finite`), so the
+        counters ``aux_steps`` / ``nonfinite_skips`` and ``last_update_skipped`` are 0-dim device tensors after the
+        first update (read them when logging)."""
         params = self.parameters()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
@@ -403,15 +411,14 @@ class LODSLearner:
         # DDP: average over the ranks before any use of the gradient (union-batch Eq. 8/10; no-op in one process),
         # and before the finite check, so every rank takes the same skip decision (a NaN on one rank reaches all)
         all_reduce_grads_(params, part="guidance")
-        self.last_update_skipped = not step_is_finite(loss, [p.grad for p in params])
-        if self.last_update_skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_skips += 1
-            return False
-        self.optimizer.step()
+        ok = finite_ok(loss, [p.grad for p in params])  # decided on the device: no host read per step
+        step_if_finite(self.optimizer, ok)
         self.optimizer.zero_grad(set_to_none=True)
-        self.aux_steps += 1
-        return True
+        skipped = ~ok
+        self.last_update_skipped = skipped
+        self.nonfinite_skips = self.nonfinite_skips + skipped.long()
+        self.aux_steps = self.aux_steps + ok.long()
+        return ok
 
     def aux_loss(
         self,
@@ -433,11 +440,12 @@ class LODSLearner:
         with torch.enable_grad():
             return denoising_loss(self.learnable_branch(x_t, t, uncond, backward=True), noise)
 
-    def update(self, latents, uncond, t=None, noise=None, generator=None) -> float:
-        """One step (b): Eq. 8/10 at detached latents, optimizer step on α / ψ.  Returns the loss value."""
+    def update(self, latents, uncond, t=None, noise=None, generator=None) -> torch.Tensor:
+        """One step (b): Eq. 8/10 at detached latents, optimizer step on α / ψ.  Returns the loss value (a detached
+        0-dim tensor: no host read)."""
         loss = self.aux_loss(latents, uncond, t, noise, generator)
         self._apply_aux_loss(loss)
-        return float(loss.detach())
+        return loss.detach()
 
     # ------------------------------------------------------------------ one LODS step
     def step(
@@ -460,7 +468,7 @@ class LODSLearner:
             noise: ε of (a) (default fresh).  aux_t, aux_noise: t', ε' of (b) (defaults: sampled).
         Returns:
             dict: ``grad`` ``(B, C, H, W)`` (no graph), ``noise_cond``, ``noise_uncond``, ``latents_noisy``,
-            ``aux_loss`` (float or None), and this step's ``unet_calls`` / ``unet_samples`` /
+            ``aux_loss`` (detached 0-dim tensor or None), and this step's ``unet_calls`` / ``unet_samples`` /
             ``unet_backward_samples``.
         """
         c0, s0, b0 = self.unet_calls, self.unet_samples, self.unet_backward_samples
@@ -489,7 +497,7 @@ class LODSLearner:
         if self.aux_update:
             if self.merged_forward:
                 self._apply_aux_loss(loss)
-                aux_loss = float(loss.detach())
+                aux_loss = loss.detach()
             else:
                 aux_loss = self.update(z, uncond, aux_t, aux_noise, generator)
         return {
@@ -513,7 +521,7 @@ class LODSLearner:
             "alpha": None if self.alpha is None else copy(self.alpha),
             "lora": [copy(p) for p in self.lora_params],
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "aux_steps": self.aux_steps,
+            "aux_steps": int(self.aux_steps) if to_cpu else self.aux_steps,
             "unet_calls": self.unet_calls,
             "unet_samples": self.unet_samples,
             "unet_backward_samples": self.unet_backward_samples,

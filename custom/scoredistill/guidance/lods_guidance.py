@@ -163,8 +163,9 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
             logs["lods_aux_loss"] = out["aux_loss"]
         logs["lods_aux_nonfinite_skips"] = self.learner.nonfinite_skips
         guard = self.finite_guard
-        if guard is not None and self.learner.last_update_skipped:
-            guard.flag("LODS α/ψ update (Eq. 8/10)", True)  # the whole step is skipped and α / ψ rolled back
+        if guard is not None:
+            # lazy 0-dim tensor (read at the guard's one decision): the whole step is skipped and α / ψ rolled back
+            guard.flag("LODS α/ψ update (Eq. 8/10)", self.learner.last_update_skipped)
         return logs
 
     # ------------------------------------------------------------------ state

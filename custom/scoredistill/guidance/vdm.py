@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scoredistill.distributed import all_reduce_grads_
-from scoredistill.guidance.finite import step_is_finite
+from scoredistill.guidance.finite import finite_ok, make_capturable, step_if_finite
 from scoredistill.core.diffusion import (
     WEIGHTING_STRATEGIES,
     EpsFn,
@@ -468,9 +468,9 @@ class VariationalDistributionMapping(nn.Module):
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = list(self.model.parameters())
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(params, lr=self.lr)
+            return torch.optim.Adam(params, lr=self.lr, **make_capturable(torch.optim.Adam, params, {}))
         if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr)
+            return torch.optim.AdamW(params, lr=self.lr, **make_capturable(torch.optim.AdamW, params, {}))
         return torch.optim.SGD(params, lr=self.lr)
 
     def forward(self, eps: torch.Tensor) -> torch.Tensor:
@@ -483,26 +483,22 @@ class VariationalDistributionMapping(nn.Module):
 
         Runs ``steps_per_iter`` optimizer steps (stopping at the first with a non-finite input, loss or
         gradient, which is skipped: ψ, its moments and BatchNorm statistics untouched; ``last_update_skipped``
-        and ``nonfinite_skips`` record it); returns ``(M_ψ(eps) of the first forward, detached; loss of the
+        and ``nonfinite_skips`` record it, as 0-dim device tensors, like ``num_updates``: decided on the device,
+        no host read); returns ``(M_ψ(eps) of the first forward, detached; loss of the
         first forward, detached scalar)`` -- i.e. the operator output and loss with ψ *before* this call's
         update(s) (Alg. 1 forms L_op and L_VDM with the same ψ).  Gradients never reach ``eps`` (detached) or
         anything outside ψ.
         """
-        self.last_update_skipped = False
-        if not bool(torch.isfinite(eps.detach()).all() & torch.isfinite(noise).all()):
-            # a non-finite input would also poison BatchNorm's running statistics: no training forward at all
-            self.last_update_skipped = True
-            self.nonfinite_skips += 1
-            self.model.eval()  # BatchNorm in train mode updates its statistics even without grad
-            with torch.no_grad():
-                out = self(eps).detach()
-            self.model.train()
-            return out, operator_loss(out.float(), noise.float())
+        # decided on the device (issue 26: no host read per step): the forward always runs in train mode; a
+        # non-finite input, loss or gradient leaves ψ, its moments and the BatchNorm statistics bit-identical
+        # (restored with torch.where by step_if_finite), and stops the later updates of this call
+        ok_all = (torch.isfinite(eps.detach()).all() & torch.isfinite(noise).all()).reshape(())
         self.model.train()
         first_out, first_loss = None, None
         with torch.enable_grad():
             for _ in range(self.steps_per_iter):
-                buffers = [b.detach().clone() for b in self.model.buffers()]
+                buffers = list(self.model.buffers())
+                saved = [b.detach().clone() for b in buffers]
                 out = self(eps)
                 loss = operator_loss(out.float(), noise.float())
                 self.optimizer.zero_grad(set_to_none=True)
@@ -512,16 +508,14 @@ class VariationalDistributionMapping(nn.Module):
                 all_reduce_grads_(self.model.parameters(), part="guidance")
                 if first_out is None:
                     first_out, first_loss = out.detach(), loss.detach()
-                if not step_is_finite(loss, [p.grad for p in self.model.parameters()]):  # skip: ψ, moments, BN stats untouched
-                    self.optimizer.zero_grad(set_to_none=True)
-                    with torch.no_grad():
-                        for b, saved in zip(self.model.buffers(), buffers):
-                            b.copy_(saved)
-                    self.last_update_skipped = True
-                    self.nonfinite_skips += 1
-                    break
-                self.optimizer.step()
-                self.num_updates += 1
+                ok_all = ok_all & finite_ok(loss, [p.grad for p in self.model.parameters()]).to(ok_all.device)
+                with torch.no_grad():  # BatchNorm statistics of a skipped step: back to their values before it
+                    for b_, old in zip(buffers, saved):
+                        b_.copy_(torch.where(ok_all, b_, old))
+                step_if_finite(self.optimizer, ok_all)
+                self.num_updates = self.num_updates + ok_all.long()
+        self.last_update_skipped = ~ok_all
+        self.nonfinite_skips = self.nonfinite_skips + (~ok_all).long()
         return first_out, first_loss
 
     def full_state_dict(self) -> Dict[str, object]:

@@ -179,8 +179,8 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
             x_t_jacobian=c.x_t_jacobian,
         )
         guard = self.finite_guard
-        if guard is not None and self.mapping.last_update_skipped:
-            guard.flag("VDM operator update (Eq. 17)", True)  # the whole step is skipped and M_ψ rolled back
+        if guard is not None:  # lazy 0-dim tensor, read at the guard's one decision: the step is skipped, M_ψ rolled back
+            guard.flag("VDM operator update (Eq. 17)", self.mapping.last_update_skipped)
         return {
             "grad": out["grad"],
             "vdm_operator_nonfinite_skips": self.mapping.nonfinite_skips,

@@ -17,6 +17,8 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
+from ..core.sync import host_only
+
 _GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
 
@@ -53,8 +55,13 @@ def threestudio_to_gsplat_cameras(
         fovy = fovy.expand(b)
     if fovy.shape[0] != b:
         raise ValueError(f"fovy has {fovy.shape[0]} entries for {b} cameras")
-    if not bool(((fovy > 0) & (fovy < torch.pi)).all()):
-        raise ValueError(f"fovy must be in (0, pi) radians, got {fovy.tolist()}")
+    fovy_ok = ((fovy > 0) & (fovy < torch.pi)).all()
+    if fovy.device.type == "cpu":  # host tensor: checked now (no device sync)
+        with host_only():
+            if not bool(fovy_ok):
+                raise ValueError(f"fovy must be in (0, pi) radians, got {fovy.tolist()}")
+    else:  # a device-side check: no host-device sync per step (fails at the next sync)
+        torch._assert_async(fovy_ok, "fovy must be in (0, pi) radians")
     c2w_cv = c2w @ _GL_TO_CV.to(c2w)
     viewmats = torch.linalg.inv(c2w_cv)
     f = focal_from_fovy(fovy, height)

@@ -34,6 +34,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..core.sync import host_only
+
 ALPHA_THRESHOLD = 1.0 / 255.0
 TRANSMITTANCE_MIN = 1e-4
 MAX_ALPHA = 0.999
@@ -308,4 +310,7 @@ def rasterize(
         )
         meta["backend"] = "cuda"
         return colors_out, alphas, meta
-    return rasterize_cpu(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+    if means.device.type != "cpu":
+        return rasterize_cpu(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
+    with host_only():  # the CPU fallback's tile lists read host tensors: no device sync (the GPU path is gsplat's)
+        return rasterize_cpu(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)

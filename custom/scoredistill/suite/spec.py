@@ -28,6 +28,12 @@ with ``CUDA_VISIBLE_DEVICES`` set to the run's GPU, so its trial folder is ``RUN
 samples (:mod:`scoredistill.suite.count_launch`); in the launcher ``{python}`` is replaced by the runner's
 Python and ``{count_launch}`` by the path of ``count_launch.py``.  Tests put ``tests/harness/cpu_launch.py`` between the counter and launch.py.
 
+Overrides (``overrides:`` of the suite or of a config) may not set what the runner sets for every run
+(:data:`RUNNER_SETTINGS`: ``exp_root_dir``, ``name``, ``tag``, ``use_timestamp``, ``trial_dir``, ``timestamp``,
+``seed``, ``resume``, the prompt): one would move the trial out of ``RUN_DIR`` -- ``tag=../../x`` wrote outside
+``output_dir`` and the run was "failed: no test video" on every rerun.  Every run folder must resolve inside
+``output_dir`` (no symbolic link out of it).
+
 Prompts are passed as a command-line override, which OmegaConf parses as YAML: a prompt that would not come
 back as the same string (``a: b``, ``null``, ``123``) is quoted; one containing ``${`` is refused.
 """
@@ -208,6 +214,9 @@ def make_run(suite: Suite, m: MethodConfig, p: Prompt, seed: int) -> Run:
     tag = f"{slug(p.text)}-seed{seed}"
     run_id = f"{m.name}/{tag}"
     run_dir = os.path.join(suite.output_dir, "runs", m.name, tag)
+    if not within(run_dir, suite.output_dir):
+        raise SuiteError(f"suite.output_dir: the folder of run {run_id}, {run_dir}, resolves to "
+                         f"{os.path.realpath(run_dir)}, outside {os.path.realpath(suite.output_dir)} (a symbolic link?)")
     args = [
         "--config", m.config, suite.mode,
         f"exp_root_dir={run_dir}", f"name={m.name}", f"tag={tag}", "use_timestamp=false", f"seed={seed}",
@@ -232,6 +241,36 @@ def _resolve_config(spec: str, base: str, ts_root: str, where: str) -> str:
     if not os.path.isfile(path):
         raise SuiteError(f"{where}: config {spec!r} not found ({path})")
     return path
+
+
+#: launch.py settings the runner itself sets for every run: an override of one would move the trial folder out of
+#: ``RUN_DIR`` (``exp_root_dir``, ``name``, ``tag``, ``use_timestamp``, ``trial_dir``, ``timestamp``) or make the
+#: run something else than its prompt × seed (``seed``, the prompt)
+RUNNER_SETTINGS = ("exp_root_dir", "name", "tag", "use_timestamp", "trial_dir", "timestamp", "seed",
+                   "system.prompt_processor.prompt", "resume")
+
+
+def _check_overrides(overrides: List[str], where: str) -> List[str]:
+    """Refuse an override of a setting the runner sets itself (:data:`RUNNER_SETTINGS`) or one that is not
+    ``key=value``; returns ``overrides``."""
+    for i, o in enumerate(overrides):
+        key = o.split("=", 1)[0].strip().lstrip("+~").strip()
+        if "=" not in o or not key:
+            raise SuiteError(f"{where}[{i}]: {o!r} is not a launch.py override KEY=VALUE")
+        if key in RUNNER_SETTINGS:
+            what = "the prompt comes from suite.prompts" if key.endswith("prompt") else (
+                "the seed comes from suite.seeds" if key == "seed" else
+                "a suite run resumes by running again, not from a checkpoint" if key == "resume" else
+                "it would move the run's trial folder out of its run folder under suite.output_dir")
+            raise SuiteError(f"{where}[{i}]: {o!r} overrides {key}, which the suite runner sets for every run "
+                             f"({what}); allowed: any other launch.py setting")
+    return overrides
+
+
+def within(path: str, root: str) -> bool:
+    """``path`` resolved (symbolic links followed) lies inside ``root`` resolved."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
 def _str_list(value: Any, where: str) -> List[str]:
@@ -280,8 +319,18 @@ def load_suite(path_or_dict, base_dir: Optional[str] = None) -> Suite:
         path = os.path.abspath(path_or_dict)
         import yaml
 
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise SuiteError(f"suite: no such suite file {path}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise SuiteError(f"suite: {path} is not valid YAML{at}: {problem}") from None
+        except OSError as e:
+            raise SuiteError(f"suite: cannot read {path}: {e.strerror or e}") from None
         base = base_dir or os.path.dirname(path)
         default_name = os.path.splitext(os.path.basename(path))[0]
     else:
@@ -324,7 +373,8 @@ def load_suite(path_or_dict, base_dir: Optional[str] = None) -> Suite:
         cname = str(c.get("name") or os.path.splitext(os.path.basename(cfg))[0])
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", cname):
             raise SuiteError(f"{where}.name: {cname!r} must be letters, digits and _ . + - (it names a folder)")
-        configs.append(MethodConfig(cname, cfg, _str_list(c.get("overrides"), f"{where}.overrides")))
+        overrides = _check_overrides(_str_list(c.get("overrides"), f"{where}.overrides"), f"{where}.overrides")
+        configs.append(MethodConfig(cname, cfg, overrides))
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise SuiteError(f"suite.configs: two configs share a name {names}; give each a distinct 'name'")
@@ -344,7 +394,7 @@ def load_suite(path_or_dict, base_dir: Optional[str] = None) -> Suite:
     return Suite(
         name=name, path=path, output_dir=out, threestudio_root=ts_root, prompts=prompts, configs=configs,
         seeds=_int_list(data.get("seeds"), "suite.seeds", [0]),
-        overrides=_str_list(data.get("overrides"), "suite.overrides"),
+        overrides=_check_overrides(_str_list(data.get("overrides"), "suite.overrides"), "suite.overrides"),
         gpus=_int_list(data.get("gpus"), "suite.gpus", [0]), launcher=launcher,
         env={str(k): str(v) for k, v in env.items()}, slurm=dict(slurm), mode=mode,
     )

@@ -25,12 +25,38 @@ from scoredistill.atomic_io import atomic_write_json, atomic_write_text  # noqa:
 STATUSES = ("pending", "queued", "running", "done", "failed", "killed", "preempted")
 
 
+class StateError(ValueError):
+    """A suite state file exists but cannot be read (not JSON, not UTF-8, not a file); the message names it."""
+
+
 def read_json(path: str, default: Any = None) -> Any:
+    """The JSON in ``path``; ``default`` when there is no such file.
+
+    Raises:
+        StateError: the file exists but is not readable JSON (naming the file).
+    """
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return default
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        hint = ("remove it (or its run folder) to run that run again" if os.path.basename(path) == "state.json"
+                else "`scoredistill suite run` rewrites it")
+        raise StateError(f"{path} is not a readable JSON file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"{hint}") from None
+
+
+#: first characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection")
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (``=HYPERLINK(...)`` as a prompt) prefixed with ``'``,
+    which spreadsheets show as text; numbers and other text are returned unchanged."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def state_path(run_dir: str) -> str:
@@ -38,7 +64,23 @@ def state_path(run_dir: str) -> str:
 
 
 def read_state(run_dir: str) -> Dict[str, Any]:
-    return read_json(state_path(run_dir)) or {"status": "pending", "attempt": 0}
+    """The run's state (``pending`` when it has none). Raises :class:`StateError` for an unreadable file."""
+    st = read_json(state_path(run_dir))
+    if st is None:
+        return {"status": "pending", "attempt": 0}
+    if not isinstance(st, dict):
+        raise StateError(f"{state_path(run_dir)} holds a {type(st).__name__}, not a state mapping; remove it (or its "
+                         "run folder) to run that run again")
+    return st
+
+
+def safe_read_state(run_dir: str) -> Dict[str, Any]:
+    """:func:`read_state`, or for an unreadable state file a ``failed`` state whose reason names the file (so one
+    run's broken state fails that run, never the runner or the report)."""
+    try:
+        return read_state(run_dir)
+    except StateError as e:
+        return {"status": "failed", "attempt": 0, "reason": str(e), "unreadable_state": True}
 
 
 def write_state(run_dir: str, state: Dict[str, Any]) -> None:
@@ -60,5 +102,8 @@ def find_test_video(trial_dir: str) -> Optional[str]:
 
 def is_finished(run_dir: str, trial_dir: str) -> bool:
     """Exit code 0 recorded and the test video present."""
-    st = read_state(run_dir)
+    try:
+        st = read_state(run_dir)
+    except StateError:
+        return False
     return st.get("status") == "done" and st.get("exit_code") == 0 and find_test_video(trial_dir) is not None

@@ -286,6 +286,13 @@ class GroundTruthUNet(ModelMixin, ConfigMixin):
     def set_attention_slice(self, slice_size):
         """No attention layers: a no-op."""
 
+    def add_adapter(self, *args, **kwargs):
+        """LoRA (diffusers' / peft's ``add_adapter``, e.g. LODS in LoRA mode) attaches to attention layers; the exact
+        prior has none, so a LoRA method cannot run on it: refused with the reason rather than an AttributeError."""
+        raise NotImplementedError("GroundTruthUNet.add_adapter: the ground-truth prior has no attention layers, so "
+                                  "a LoRA (e.g. lods-guidance mode 'lora') cannot attach to it; run LoRA methods on a "
+                                  "real Stable Diffusion UNet")
+
 
 # ---------------------------------------------------------------------------------------------- the folder
 def _text_embeddings(folder: str, prompts: Sequence[str]) -> torch.Tensor:

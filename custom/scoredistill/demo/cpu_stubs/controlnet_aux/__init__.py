@@ -1,0 +1,5 @@
+"""Stand-in for controlnet_aux (CPU runs of the demo only)."""
+from _unavailable import make
+
+CannyDetector = make("CannyDetector", "controlnet_aux")
+NormalBaeDetector = make("NormalBaeDetector", "controlnet_aux")

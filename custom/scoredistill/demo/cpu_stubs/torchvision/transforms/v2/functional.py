@@ -1,0 +1,3 @@
+from _unavailable import module_getattr
+
+__getattr__ = module_getattr("torchvision")

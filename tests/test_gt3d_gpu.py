@@ -1,0 +1,129 @@
+"""The GPU command of the ground-truth 3D benchmark (scoredistill.bench.gt3d_gpu) without launching anything:
+every config is classified and gets its overrides, the wall budget kills a process group, bad arguments fail
+with a one-line message, statuses and the table say what happened.  The command itself at CPU scale:
+tests/test_gt3d_launch.py."""
+import os
+import sys
+import time
+
+import pytest
+
+from scoredistill.bench import gt3d_gpu as g
+
+
+def test_every_config_but_the_cpu_smoke_one_is_run_and_classified():
+    names = g.config_names()
+    assert "hifa-cpu-smoke" not in names and len(names) == 13
+    kinds = {n: g.config_kind(n) for n in names}
+    assert kinds["uds-edit-gs"] == "gs-edit" and kinds["uds-edit-nerf"] == "nerf-edit"
+    assert {n for n, k in kinds.items() if k == "gs"} == {"gs-sds", "ge3d-gs", "vdm-gs", "uds-gs", "lods-embedding-gs"}
+    assert {n for n, k in kinds.items() if k == "nerf"} == {"hifa", "ge3d-nerf", "vdm-nerf", "uds-nerf",
+                                                           "lods-embedding-nerf", "lods-lora-nerf"}
+
+
+def test_max_time_is_lightnings_dd_hh_mm_ss():
+    assert g.max_time_arg(3725.9) == "00:01:02:05"
+    assert g.max_time_arg(0.2) == "00:00:00:01"
+    from datetime import timedelta
+
+    d, h, m, s = map(int, g.max_time_arg(4000).split(":"))
+    assert timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds() == 4000
+
+
+def test_gpu_scale_keeps_the_configs_own_settings():
+    """At GPU scale nothing of resolution, batch, steps, precision, lrs or Gaussian growth is overridden."""
+    for name in g.config_names():
+        kind = g.config_kind(name)
+        o = g.run_overrides(name, kind, "cube", 0, "/p", "/e", 100, "gpu", True, source_ckpt="/c.ckpt",
+                            source_scene="cube_recoloured")
+        keys = [x.split("=")[0] for x in o]
+        for own in ("trainer.max_steps", "data.width", "data.height", "data.batch_size", "trainer.precision",
+                    "system.geometry.upsample_to", "system.geometry.num_points", "system.optimizer.params",
+                    "trainer.val_check_interval"):
+            assert own not in keys, (name, own)
+        assert "trainer.max_time=00:00:01:40" in o and "system.guidance.half_precision_weights=false" in o
+        if kind.startswith("nerf"):
+            assert "system.geometry.pos_encoding_config.otype=ProgressiveBandFrequency" in o
+            assert not any(x.startswith("system.renderer_type=") for x in o)  # threestudio's nerf-volume-renderer
+        if kind == "nerf-edit":
+            assert "system.source_checkpoint=/c.ckpt" in o
+
+
+def test_cpu_scale_shrinks_sizes_and_steps():
+    o = g.run_overrides("vdm-gs", "gs", "cube", 0, "/p", "/e", 10, "cpu", False, cpu_steps=7)
+    assert {"trainer.max_steps=7", "data.width=32", "system.geometry.num_points=300", "trainer.precision=32"} <= set(o)
+
+
+def test_launch_kills_the_process_group_at_the_deadline(tmp_path, monkeypatch):
+    (tmp_path / "launch.py").write_text("import subprocess, sys, time\n"
+                                        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                                        "print('started', flush=True)\ntime.sleep(60)\n")
+    monkeypatch.setattr(g.torch.cuda, "is_available", lambda: True)  # no cpu_launch wrapper: run the fake directly
+    t = time.time()
+    r = g.launch([], str(tmp_path), str(tmp_path / "log.txt"), time.time() + 3)
+    assert r["killed"] and time.time() - t < 20
+    assert "started" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--budget", "0"], "--budget must be > 0"),
+    (["--configs", "nope"], "--configs: unknown config 'nope'"),
+    (["--views", "0"], "--views must be >= 1"),
+    (["--max-train-seconds", "-1"], "--max-train-seconds must be > 0"),
+])
+def test_bad_arguments_fail_with_one_line(argv, msg, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        g.parse_args(["--out", str(tmp_path)] + argv)
+    assert msg in str(e.value)
+
+
+def test_status_lines_say_what_happened():
+    assert g.status_of({"killed": True, "steps_done": 12}) == "killed at the wall budget after 12 steps"
+    assert g.status_of({"rc": 1, "error": "ValueError: x"}) == "failed (exit 1): ValueError: x"
+    assert g.status_of({"rc": 0, "stop_reason": "max_steps", "test_done": True}) == "finished the whole schedule"
+    s = g.status_of({"rc": 0, "stop_reason": "max_time", "steps_done": 250, "max_steps": 1000, "fraction": 0.25})
+    assert "at step 250 of 1000 (25.0 % of the schedule)" in s
+
+
+def test_probe_summary():
+    p = {"step_seconds": [1.0, 0.1, 0.3], "train_end_step": 3, "max_steps": 12, "stop_reason": "max_time",
+         "test_done": True, "peak_allocated_bytes": 2**31, "gaussians": [[0, 10], [3, 14]]}
+    s = g.summarise_probe(p)
+    assert s["s_per_it_median"] == 0.3 and s["fraction"] == 0.25 and s["peak_allocated_gib"] == 2.0
+    assert abs(s["s_per_it_mean"] - 1.4 / 3) < 1e-12
+
+
+def test_default_out_is_a_scratch_folder_for_both_commands():
+    from scoredistill.bench import gt3d_bench as b
+
+    assert b.DEFAULT_OUT == os.path.join("outputs", "gt3d") and g.DEFAULT_OUT.startswith("outputs")
+    src = open(b.__file__).read()
+    assert "weights_only=False" not in src and "--lr-scale``, default 10" in src
+
+
+def test_probe_stops_training_at_the_wall_deadline_and_records_it(tmp_path):
+    """The recording callback sets ``trainer.should_stop`` once the absolute training deadline has passed, and the
+    record says why training ended, the Gaussian count and the steps."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    from scoredistill.bench import gt3d_probe as p
+
+    out = str(tmp_path / "probe.json")
+    module = SimpleNamespace(geometry=SimpleNamespace(params={"means": torch.zeros(7, 3)}))
+    for until, stop, reason in ((time.time() - 1, True, "wall_deadline"), (time.time() + 3600, False, "other")):
+        cb = p.make_callback(out, every=1, until=until)
+        trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False, callbacks=[])
+        cb.on_train_start(trainer, module)
+        cb.on_train_batch_start(trainer, module, None, 0)
+        trainer.global_step = 1
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+        assert trainer.should_stop is stop
+        cb.on_train_end(trainer, module)
+        rec = json.load(open(out))
+        assert rec["stop_reason"] == reason and rec["train_end_step"] == 1 and rec["max_steps"] == 100
+        assert rec["gaussians"] == [[0, 7], [1, 7]] and len(rec["step_seconds"]) == 1
+    assert "training deadline" in g.status_of({"rc": 0, "stop_reason": "wall_deadline", "steps_done": 1,
+                                                "max_steps": 100, "fraction": 0.01})
