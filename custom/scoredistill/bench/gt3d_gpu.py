@@ -562,7 +562,9 @@ class Bench:
                    self.deadline - self.res["score"], probe_path=probe_path,
                    env_extra={"SCOREDISTILL_GT_UNET_COUNT_FILE": os.path.join(logs, f"{name}-seed{seed}.unet.json"),
                               "SCOREDISTILL_GT3D_TRAIN_UNTIL": repr(until),
-                              "SCOREDISTILL_GT3D_TRAIN_SECONDS": repr(max(5.0, train_s))})
+                              # --max-train-seconds: Lightning's max_time alone (no window of the probe)
+                              **({} if a.max_train_seconds is not None else
+                                 {"SCOREDISTILL_GT3D_TRAIN_SECONDS": repr(max(5.0, train_s))})})
         rec["train_window_s"] = max(5.0, train_s)
         rec.update({"rc": r["rc"], "killed": r["killed"], "launch_seconds": r["seconds"]})
         if os.path.isfile(probe_path):
