@@ -24,13 +24,18 @@ What is not the config's own (stated in every results file):
   recorded per row as ``encodings``; ``hifa`` a tiny random DPT with its disparity term off (no DPT weights);
 * ``uds-edit-nerf`` edits a NeRF checkpoint: a source run (``uds-nerf.yaml`` on the recoloured cube, a stated
   share of the row's time) writes it first, then the edit runs on it;
-* **the wall budget**: training stops at an absolute time, ``--budget`` less the finish (test, PLY, mesh) and
-  scoring reserves (``trainer.should_stop`` from the recording callback, so slow start-ups of many processes
-  at once do not shift it), with Lightning's ``trainer.max_time`` as the backstop (``--max-train-seconds``:
-  max_time alone, per run); a schedule that cannot finish runs its first ``global_step / max_steps`` (its schedules keep
-  their full length: the fraction is a prefix of the real schedule, stated in the row as ``fraction``), and
-  then still tests and exports.  A process still alive at the budget is killed (its recorded steps, memory and
-  validation curve are kept; the row says ``killed at the wall budget``).
+* **the wall budget**: each run trains for its own window, counted from ITS first training step (the probe's
+  ``trainer.should_stop``; so slow start-ups of many processes at once -- 60-105 s on the first H200 run -- do not
+  eat it), the window being what ``--budget`` leaves after the prior and the start-up / finish (test, PLY, mesh) /
+  scoring reserves, and bounded by an absolute time (the budget less the finish and scoring reserves);
+  Lightning's ``trainer.max_time`` as the backstop (``--max-train-seconds``: max_time alone, per run); a schedule
+  that cannot finish runs its first ``global_step / max_steps`` (its schedules keep their full length: the
+  fraction is a prefix of the real schedule, stated in the row as ``fraction``), and then still tests and
+  exports.  A process still alive at the budget is killed (its recorded steps, memory and validation curve are
+  kept; the row says ``killed at the wall budget``).
+* before anything loads (GPU scale) the command prints an ESTIMATE of the run from the measured s/it of the
+  first H200 run (:data:`MEASURED_S_PER_IT`) and refuses a ``--budget`` that gives some config fewer than
+  ``--min-steps`` steps, with one line.
 
 Recorded per config (``gt3d_gpu.json``, rewritten as each run finishes; ``gt3d_gpu.md``): status and why, steps
 done / ``max_steps``, s/it (median and mean over the run, from the probe), peak CUDA memory, Gaussian count over
@@ -42,7 +47,7 @@ and the exported mesh's surface) to the true surface, validation PSNR against st
 GPU command (from the repository root, after the GPU kit's wheels and gsplat build)::
 
     PYTHONPATH=$ROOT/custom:/tmp/site:.gpu-kit/stubs THREESTUDIO_ROOT=/tmp/ts \\
-        python3 -m scoredistill.bench.gt3d_gpu --out $OUT --work /tmp/gt3d-gpu-work --budget 280
+        python3 -m scoredistill.bench.gt3d_gpu --out $OUT --work /tmp/gt3d-gpu-work --budget 480
 
 CPU scale (CI, ``tests/test_gt3d_launch.py``): ``--scale cpu`` (32² renders, a few steps, small Gaussian sets,
 the CPU NeRF renderer).  The README table from a results file:
@@ -168,13 +173,17 @@ def plan(names: Sequence[str], budget: float, reserves: Dict[str, float], views:
     share = {n: (1 - EDIT_SOURCE_SHARE) if n == "uds-edit-nerf" else 1.0 for n in rows}
     need_w = max((min_steps * r["s_per_it"] / share[n] for n, r in rows.items()), default=0.0)
     whole_w = max((r["whole_schedule_min"] * 60.0 / share[n] for n, r in rows.items()), default=0.0)
-    return {"prior_s": prior_s, "window_s": window, "rows": rows, "min_steps": min_steps,
+    return {"prior_s": prior_s, "window_s": window, "rows": rows, "min_steps": min_steps, "budget_s": budget,
+            "reserves_s": dict(reserves),
             "budget_needed_s": fixed + need_w, "budget_whole_schedules_s": fixed + whole_w}
 
 
 def plan_text(p: Dict) -> str:
-    lines = [f"ESTIMATE (from the H200 run of 2026-12-04, all configs at once; not a measurement): prior build "
-             f"~{p['prior_s']:.0f} s, training window {p['window_s']:.0f} s per run (from its own first step)"]
+    r = p["reserves_s"]
+    lines = [f"ESTIMATE (from the H200 run of 2026-12-04, all configs at once; not a measurement): budget "
+             f"{p['budget_s']:.0f} s = prior build ~{p['prior_s']:.0f} s + start-up {r['startup']:.0f} s + training "
+             f"window {p['window_s']:.0f} s per run (from its own first step) + finish (test, PLY, mesh) "
+             f"{r['finish']:.0f} s + scoring {r['score']:.0f} s"]
     for n, r in sorted(p["rows"].items()):
         lines.append(f"  {n:22s} {r['s_per_it']:.3f} s/it ({r['note']}): ~{r['steps_in_window']} of {r['max_steps']} "
                      f"steps in the window; whole schedule ~{r['whole_schedule_min']:.1f} min")
@@ -676,7 +685,8 @@ class Bench:
 NOT_OWN = ("prompt and prior (ground-truth 3D prior); cameras: the benchmark's eval setting (distance 2, fovy 70, "
            "elevation [-10, 45], no perturbation); data.n_val_views=4; guidance.half_precision_weights=false; "
            "Gaussian configs: sphere init; NeRF configs: pure-torch encodings/MLPs (GPU), hifa a tiny random DPT with "
-           "lambda_disparity=0; training stopped at the wall budget's training deadline (a prefix of the schedule)")
+           "lambda_disparity=0; training stopped at the run's window from its first step, inside the wall budget (a "
+           "prefix of the schedule)")
 
 
 # ------------------------------------------------------------------------------------------ outputs
