@@ -127,3 +127,139 @@ def test_probe_stops_training_at_the_wall_deadline_and_records_it(tmp_path):
         assert rec["gaussians"] == [[0, 7], [1, 7]] and len(rec["step_seconds"]) == 1
     assert "training deadline" in g.status_of({"rc": 0, "stop_reason": "wall_deadline", "steps_done": 1,
                                                 "max_steps": 100, "fraction": 0.01})
+
+
+# ------------------------------------------------------------------- issue 27 follow-up (the first GPU run, 2026-12-04)
+@pytest.mark.parametrize("name", g.config_names() + ["hifa-cpu-smoke"])
+def test_every_configs_resolution_schedule_is_one_threestudio_accepts(name, threestudio_module):
+    """lods-embedding-nerf / lods-lora-nerf failed at start on the GPU: ``width: [256, 512]`` with a scalar
+    ``batch_size`` trips threestudio's ``len(heights) == len(widths) == len(batch_sizes)``.  Every config's data
+    section, at the GPU scale's overrides and at the CPU scale's, builds threestudio's own training dataset, and the
+    CPU scale keeps the schedule's length and milestones."""
+    from omegaconf import OmegaConf
+
+    from threestudio.data.uncond import RandomCameraDataModuleConfig, RandomCameraIterableDataset
+    from threestudio.utils.config import parse_structured
+
+    base = OmegaConf.load(os.path.join(g.B.CONFIGS, name + ".yaml"))
+    kind = g.config_kind(name)
+    for scale in ("gpu", "cpu"):
+        o = g.run_overrides(name, kind, "cube", 0, "/p", "/e", 100, scale, scale == "gpu", source_ckpt="/c.ckpt",
+                            source_scene="cube_recoloured")
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([x for x in o if x.startswith("data.")]))
+        data = parse_structured(RandomCameraDataModuleConfig, cfg.data)
+        ds = RandomCameraIterableDataset(data)  # threestudio's assertion
+        assert len(ds.heights) == len(ds.widths) == len(ds.batch_sizes) == len(g.data_schedule(name)["width"])
+        if scale == "cpu":
+            assert set(ds.widths) == {g.CPU_SCALE["size"]}
+            assert list(cfg.data.get("resolution_milestones", [])) == list(base.data.get("resolution_milestones", []))
+
+
+def test_lods_nerf_configs_keep_their_multi_resolution_schedule():
+    for name in ("lods-embedding-nerf", "lods-lora-nerf"):
+        assert g.data_schedule(name) == {"width": [256, 512], "height": [256, 512], "batch_size": [1, 1]}
+        o = g.run_overrides(name, "nerf", "cube", 0, "/p", "/e", 10, "cpu", False)
+        assert "data.width=[32,32]" in o and "data.batch_size=[1,1]" in o
+
+
+def test_figures_are_drawn_with_a_stand_in_ipython_that_lacks_its_attributes(tmp_path, monkeypatch):
+    """The GPU machine's IPython stand-in (no ``get_ipython``, no ``version_info``) broke pyplot, so neither the grid
+    nor the curves were written; the figures no longer go through pyplot."""
+    import types
+
+    import torch
+
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    results = [{"config": "a", "curve": [(0, 10.0), (5, 12.5)], "unet_samples": 20, "steps_done": 5},
+               {"config": "b", "curve": [(0, 9.0), (5, 11.0)]}]
+    g.write_curves(str(tmp_path / "curves.png"), results)
+    trial = tmp_path / "trial" / "save" / "it5-test"
+    trial.mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(120):
+        Image.fromarray((torch.full((16, 32, 3), i / 120.0) * 255).byte().numpy()).save(trial / f"{i}.png")
+    g.write_grid(str(tmp_path / "grid.png"), [{"config": "a", "trial": str(tmp_path / "trial"), "steps_done": 5,
+                                                "max_steps": 9}], None, "cube")
+    for f in ("curves.png", "grid.png"):
+        im = Image.open(tmp_path / f)
+        assert im.size[0] > 300 and im.size[1] > 100
+    assert "matplotlib.pyplot" not in sys.modules and sys.modules["IPython"].__name__ == "IPython"  # put back
+
+
+def test_each_run_trains_for_its_own_window_from_its_first_step(tmp_path):
+    """13 processes starting at once took 60-105 s to their first step, so an absolute training deadline left most
+    Gaussian configs one step.  The probe's window counts from the run's own first training step (a slow start-up
+    does not shorten it); the absolute deadline still bounds it."""
+    import json
+    from types import SimpleNamespace
+
+    from scoredistill.bench import gt3d_probe as p
+
+    out = str(tmp_path / "probe.json")
+    module = SimpleNamespace()
+
+    def steps(cb, n, pause=0.0):
+        trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False, callbacks=[])
+        cb.on_train_start(trainer, module)
+        for i in range(n):
+            cb.on_train_batch_start(trainer, module, None, i)
+            time.sleep(pause)
+            trainer.global_step = i + 1
+            cb.on_train_batch_end(trainer, module, None, None, i)
+            if trainer.should_stop:
+                break
+        cb.on_train_end(trainer, module)
+        return trainer.global_step, json.load(open(out))
+
+    cb = p.make_callback(out, every=1, until=time.time() + 3600, window=0.3)
+    time.sleep(0.5)  # a start-up longer than the window: the window has not started
+    done, rec = steps(cb, 100, pause=0.02)
+    assert 5 <= done < 100 and rec["stop_reason"] == "wall_deadline"
+    assert abs(rec["train_until"] - rec["t_first_step"] - 0.3) < 1e-6
+    cb = p.make_callback(out, every=1, until=time.time() - 1, window=3600)  # the absolute bound still holds
+    done, rec = steps(cb, 100)
+    assert done == 1 and rec["stop_reason"] == "wall_deadline"
+
+
+def test_gpu_budget_is_refused_when_a_config_would_get_too_few_steps_and_the_plan_is_an_estimate(tmp_path):
+    with pytest.raises(SystemExit) as e:  # the first GPU run's budget
+        g.parse_args(["--out", str(tmp_path), "--scale", "gpu", "--budget", "270"])
+    msg = str(e.value)
+    assert "\n" not in msg and "fewer than --min-steps 50" in msg and "raise --budget to >=" in msg
+    need = int(msg.split(">= ")[1].split(" s")[0])
+    a = g.parse_args(["--out", str(tmp_path), "--scale", "gpu", "--budget", str(need)])
+    p = a.plan
+    assert min(r["steps_in_window"] for r in p["rows"].values()) >= 50
+    r = p["rows"]["hifa"]  # measured 0.720 s/it x 10000 steps
+    assert r["s_per_it"] == 0.720 and r["max_steps"] == 10000 and abs(r["whole_schedule_min"] - 120.0) < 1e-9
+    assert p["rows"]["uds-gs"]["note"] == "1 step only: upper bound"
+    txt = g.plan_text(p)
+    assert txt.startswith("ESTIMATE") and "not a measurement" in txt and "uds-edit-gs" in txt
+    with pytest.raises(SystemExit, match="--min-steps must be >= 1"):
+        g.parse_args(["--out", str(tmp_path), "--scale", "gpu", "--min-steps", "0"])
+    # the CPU scale (CI) has no GPU estimate to refuse with
+    assert g.parse_args(["--out", str(tmp_path), "--scale", "cpu", "--budget", "60"]).plan is None
+
+
+def test_a_prior_already_in_work_is_reused(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(folder, *a, **k):
+        calls.append(folder)
+        os.makedirs(folder, exist_ok=True)
+        return {"vae_psnr": 30.0, "seconds": 1.0}
+
+    monkeypatch.setattr(g.B, "build_scene_prior", fake)
+    args = g.parse_args(["--out", str(tmp_path / "o"), "--scale", "cpu", "--work", str(tmp_path / "w")])
+    g.Bench(args).build_priors(["gs", "gs-edit"])
+    b = g.Bench(args)
+    b.prior_info = {}
+    assert b.build_priors(["gs", "gs-edit"]) == {"prior": str(tmp_path / "w" / "prior"),
+                                                 "prior-edit": str(tmp_path / "w" / "prior-edit")}
+    assert len(calls) == 2 and b.prior_info["prior"]["reused"] is True
+    args.views = 7  # another prior: rebuilt
+    b.build_priors(["gs"])
+    assert len(calls) == 3

@@ -234,6 +234,8 @@ def test_lods_embedding_gs_trains_saves_and_resumes(tiny_sd, tmp_path):
 @pytest.mark.parametrize("name", ["lods-embedding-nerf.yaml", "lods-lora-nerf.yaml"])
 def test_lods_nerf_configs_train_on_cpu_with_pure_torch_parts(tiny_sd, tmp_path, name):
     extra = ["system.guidance.lora_rank=2"] if "lora" in name else []
+    # the config's [256, 512] schedule (batch_size [1, 1]) becomes one 32² resolution here: one batch size with it
+    extra += ["data.batch_size=1"]
     trial = run_launch(os.path.join(CONFIGS, name), _common(tiny_sd) + NERF_CPU + extra, exp_root=str(tmp_path))
     _, state = _ckpt(trial)
     assert state["aux_steps"] == 2

@@ -24,13 +24,18 @@ What is not the config's own (stated in every results file):
   recorded per row as ``encodings``; ``hifa`` a tiny random DPT with its disparity term off (no DPT weights);
 * ``uds-edit-nerf`` edits a NeRF checkpoint: a source run (``uds-nerf.yaml`` on the recoloured cube, a stated
   share of the row's time) writes it first, then the edit runs on it;
-* **the wall budget**: training stops at an absolute time, ``--budget`` less the finish (test, PLY, mesh) and
-  scoring reserves (``trainer.should_stop`` from the recording callback, so slow start-ups of many processes
-  at once do not shift it), with Lightning's ``trainer.max_time`` as the backstop (``--max-train-seconds``:
-  max_time alone, per run); a schedule that cannot finish runs its first ``global_step / max_steps`` (its schedules keep
-  their full length: the fraction is a prefix of the real schedule, stated in the row as ``fraction``), and
-  then still tests and exports.  A process still alive at the budget is killed (its recorded steps, memory and
-  validation curve are kept; the row says ``killed at the wall budget``).
+* **the wall budget**: each run trains for its own window, counted from ITS first training step (the probe's
+  ``trainer.should_stop``; so slow start-ups of many processes at once -- 60-105 s on the first H200 run -- do not
+  eat it), the window being what ``--budget`` leaves after the prior and the start-up / finish (test, PLY, mesh) /
+  scoring reserves, and bounded by an absolute time (the budget less the finish and scoring reserves);
+  Lightning's ``trainer.max_time`` as the backstop (``--max-train-seconds``: max_time alone, per run); a schedule
+  that cannot finish runs its first ``global_step / max_steps`` (its schedules keep their full length: the
+  fraction is a prefix of the real schedule, stated in the row as ``fraction``), and then still tests and
+  exports.  A process still alive at the budget is killed (its recorded steps, memory and validation curve are
+  kept; the row says ``killed at the wall budget``).
+* before anything loads (GPU scale) the command prints an ESTIMATE of the run from the measured s/it of the
+  first H200 run (:data:`MEASURED_S_PER_IT`) and refuses a ``--budget`` that gives some config fewer than
+  ``--min-steps`` steps, with one line.
 
 Recorded per config (``gt3d_gpu.json``, rewritten as each run finishes; ``gt3d_gpu.md``): status and why, steps
 done / ``max_steps``, s/it (median and mean over the run, from the probe), peak CUDA memory, Gaussian count over
@@ -42,7 +47,7 @@ and the exported mesh's surface) to the true surface, validation PSNR against st
 GPU command (from the repository root, after the GPU kit's wheels and gsplat build)::
 
     PYTHONPATH=$ROOT/custom:/tmp/site:.gpu-kit/stubs THREESTUDIO_ROOT=/tmp/ts \\
-        python3 -m scoredistill.bench.gt3d_gpu --out $OUT --work /tmp/gt3d-gpu-work --budget 280
+        python3 -m scoredistill.bench.gt3d_gpu --out $OUT --work /tmp/gt3d-gpu-work --budget 480
 
 CPU scale (CI, ``tests/test_gt3d_launch.py``): ``--scale cpu`` (32² renders, a few steps, small Gaussian sets,
 the CPU NeRF renderer).  The README table from a results file:
@@ -101,11 +106,90 @@ HIFA_MATERIAL_CPU = ["system.material.dir_encoding_config.otype=ProgressiveBandF
                      "system.material.mlp_network_config.n_neurons=16"]
 #: CPU scale (CI): render size, steps, Gaussians, views
 CPU_SCALE = dict(size=32, steps=4, num_points=300, batch_size=1, n_test_views=4)
-#: GPU default reserves (seconds): process start-up before training, test + PLY after it, scoring / packing
-GPU_RESERVES = dict(startup=45.0, finish=75.0, score=35.0)
+#: GPU default reserves (seconds): process start-up before training, test + PLY + mesh after it, scoring / packing.
+#: Start-up measured on the H200 (2026-12-04, 13 launch.py processes at once): 60-105 s to the first training step
+#: (imports, prior loading, the 100k-Gaussian inits); the mesh exports of two Gaussian rows were killed after 60 s
+GPU_RESERVES = dict(startup=110.0, finish=100.0, score=35.0)
 CPU_RESERVES = dict(startup=60.0, finish=60.0, score=30.0)
 #: share of the uds-edit-nerf row's training time given to its source run
 EDIT_SOURCE_SHARE = 0.3
+
+#: MEASURED s/it (median, all 13 configs sharing one H200 at once; benchmarks/results/gt3d_gpu/, 2026-12-04), the
+#: basis of the wall-time ESTIMATE printed before a run and of the --min-steps refusal.  The four 100k-Gaussian
+#: configs reached only step 1 there: their value is that first step (CUDA warm-up included), an UPPER bound.
+#: lods-*-nerf failed at start (config bug, fixed since): no measurement; they stand in with hifa's value (the
+#: slowest NeRF, same 512² end resolution), stated as such.
+MEASURED_S_PER_IT = {"uds-edit-gs": 0.102, "vdm-gs": 0.129, "uds-nerf": 0.103, "vdm-nerf": 0.146,
+                     "uds-edit-nerf": 0.153, "ge3d-nerf": 0.314, "hifa": 0.720,
+                     "ge3d-gs": 2.032, "gs-sds": 1.554, "lods-embedding-gs": 1.870, "uds-gs": 1.342}
+MEASURED_NOTE = {"ge3d-gs": "1 step only: upper bound", "gs-sds": "1 step only: upper bound",
+                 "lods-embedding-gs": "1 step only: upper bound", "uds-gs": "1 step only: upper bound",
+                 "lods-embedding-nerf": "not measured: hifa's value", "lods-lora-nerf": "not measured: hifa's value"}
+#: MEASURED prior build on the H200: the first prior (3 scenes x 480 renders at 512²) 92 s, the edit prior right
+#: after it (480 more renders, the others reused) 2.1 s: the renders are cheap, the first build's time is a one-off
+#: (first CUDA use in the process while nerfacc's extension compiled on the same cores) -- fewer renders would not
+#: shorten it much; a prior already in --work is reused instead
+PRIOR_FIRST_S = 90.0
+PRIOR_S_PER_RENDER_512 = 2.1 / 480
+
+
+def s_per_it_estimate(name: str) -> float:
+    return MEASURED_S_PER_IT.get(name, MEASURED_S_PER_IT["hifa"])
+
+
+def max_steps_of(name: str) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml")).trainer.max_steps)
+
+
+def data_schedule(name: str) -> Dict[str, list]:
+    """The config's resolution / batch schedule as threestudio's ``RandomCameraIterableDataset`` reads it: each of
+    ``width``, ``height``, ``batch_size`` a list (a scalar is a one-entry list); threestudio asserts equal lengths."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml")).data)
+    return {k: (list(d[k]) if isinstance(d.get(k), list) else [d.get(k, 1 if k == "batch_size" else 64)])
+            for k in ("width", "height", "batch_size")}
+
+
+def plan(names: Sequence[str], budget: float, reserves: Dict[str, float], views: int, size: int,
+         min_steps: int, need_edit: bool, train_seconds: Optional[float] = None) -> Dict:
+    """ESTIMATE (from the measured values above) of the run: the prior build, each run's training window
+    (``budget`` less prior, start-up, finish and scoring reserves, or ``train_seconds``), the steps each config
+    gets in it, its whole schedule's training time, and the budget every config needs for ``min_steps``."""
+    n_renders = 3 * views + (views if need_edit else 0)
+    prior_s = PRIOR_FIRST_S + PRIOR_S_PER_RENDER_512 * n_renders * (size / 512.0) ** 2
+    fixed = prior_s + reserves["startup"] + reserves["finish"] + reserves["score"]
+    window = budget - fixed if train_seconds is None else min(train_seconds, budget - fixed)
+    rows = {}
+    for n in names:
+        sit = s_per_it_estimate(n)
+        ms = max_steps_of(n)
+        # uds-edit-nerf trains its source first (EDIT_SOURCE_SHARE of the window), then the edit in the rest
+        w = window * (1 - EDIT_SOURCE_SHARE) if n == "uds-edit-nerf" else window
+        rows[n] = {"s_per_it": sit, "note": MEASURED_NOTE.get(n, "measured"), "max_steps": ms,
+                   "steps_in_window": max(0, int(w // sit)), "whole_schedule_min": sit * ms / 60.0}
+    share = {n: (1 - EDIT_SOURCE_SHARE) if n == "uds-edit-nerf" else 1.0 for n in rows}
+    need_w = max((min_steps * r["s_per_it"] / share[n] for n, r in rows.items()), default=0.0)
+    whole_w = max((r["whole_schedule_min"] * 60.0 / share[n] for n, r in rows.items()), default=0.0)
+    return {"prior_s": prior_s, "window_s": window, "rows": rows, "min_steps": min_steps, "budget_s": budget,
+            "reserves_s": dict(reserves),
+            "budget_needed_s": fixed + need_w, "budget_whole_schedules_s": fixed + whole_w}
+
+
+def plan_text(p: Dict) -> str:
+    r = p["reserves_s"]
+    lines = [f"ESTIMATE (from the H200 run of 2026-12-04, all configs at once; not a measurement): budget "
+             f"{p['budget_s']:.0f} s = prior build ~{p['prior_s']:.0f} s + start-up {r['startup']:.0f} s + training "
+             f"window {p['window_s']:.0f} s per run (from its own first step) + finish (test, PLY, mesh) "
+             f"{r['finish']:.0f} s + scoring {r['score']:.0f} s"]
+    for n, r in sorted(p["rows"].items()):
+        lines.append(f"  {n:22s} {r['s_per_it']:.3f} s/it ({r['note']}): ~{r['steps_in_window']} of {r['max_steps']} "
+                     f"steps in the window; whole schedule ~{r['whole_schedule_min']:.1f} min")
+    lines.append(f"  whole schedules of every config at once: a budget of ~{p['budget_whole_schedules_s'] / 60:.0f} min "
+                 f"(estimate); {p['min_steps']} steps each: ~{p['budget_needed_s']:.0f} s")
+    return "\n".join(lines)
 
 _LOCK = threading.Lock()
 
@@ -190,8 +274,15 @@ def run_overrides(name: str, kind: str, scene: str, seed: int, prior: str, exp_r
     if scale == "cpu":
         c = CPU_SCALE
         o += [f"trainer.max_steps={cpu_steps}", f"trainer.val_check_interval={min(25, max(1, cpu_steps // 2))}",
-              "trainer.precision=32", f"data.batch_size={c['batch_size']}",
-              f"data.width={c['size']}", f"data.height={c['size']}",
+              "trainer.precision=32"]
+        # the config's resolution schedule keeps its length (threestudio asserts equal-length lists): every entry
+        # at the CPU size, the milestones the config's own
+        n_res = len(data_schedule(name)["width"])
+
+        def one(v):
+            return str(v) if n_res == 1 else "[" + ",".join([str(v)] * n_res) + "]"
+
+        o += [f"data.batch_size={one(c['batch_size'])}", f"data.width={one(c['size'])}", f"data.height={one(c['size'])}",
               f"data.eval_width={c['size']}", f"data.eval_height={c['size']}",
               f"data.n_test_views={test_views or c['n_test_views']}"]
         if kind == "gs":
@@ -333,6 +424,7 @@ class Bench:
         self.gt = None
         self.extra_meta: Dict = {}
         self._nerfacc = None
+        self.prior_info: Dict[str, Dict] = {}
 
     def log(self, msg: str) -> None:
         print(f"[gt3d_gpu {time.time() - self.t0:6.0f} s] {msg}", flush=True)
@@ -371,9 +463,20 @@ class Bench:
                 continue
             folder = os.path.join(a.work, key)
             t = time.time()
-            info = B.build_scene_prior(folder, a.views, "eval", a.component_std, scenes=scenes, size=a.size,
-                                       device=dev, log=self.log, memo=memo)
-            info["seconds"] = time.time() - t
+            ident = {"views": a.views, "size": a.size, "component_std": a.component_std, "scenes": list(scenes),
+                     "cameras": "eval"}
+            stamp = os.path.join(a.work, key + "_meta.json")
+            old = json.load(open(stamp)) if os.path.isfile(stamp) else None
+            if old is not None and old.get("ident") == ident and os.path.isdir(folder):
+                info = dict(old["info"], reused=True)  # the same prior already in --work: not rebuilt
+                self.log(f"{key}: reused from {folder} (same views, size, std, scenes)")
+            else:
+                info = B.build_scene_prior(folder, a.views, "eval", a.component_std, scenes=scenes, size=a.size,
+                                           device=dev, log=self.log, memo=memo)
+                info["seconds"] = time.time() - t
+                from scoredistill.atomic_io import atomic_write_json
+
+                atomic_write_json(stamp, {"ident": ident, "info": info}, indent=1)
             out[key] = folder
             self.prior_info[key] = info
         return out
@@ -454,8 +557,9 @@ class Bench:
                 rec["wall_seconds"] = time.time() - t0
                 return rec
             train_s = self.train_seconds_left()
-        # the training stop: at an absolute time (the probe; the time left after the finish and scoring reserves),
-        # and Lightning's max_time as the backstop (or, with --max-train-seconds, the stop itself)
+        # the training stop (the probe): the run's own window ``train_s`` counted from ITS first training step (a slow
+        # start-up does not shorten it), bounded by an absolute time (the budget less the finish and scoring
+        # reserves); Lightning's max_time as the backstop (or, with --max-train-seconds, the stop itself)
         until = self.deadline - self.res["finish"] - self.res["score"]
         max_time = train_s if a.max_train_seconds is not None else train_s + self.res["startup"]
         o = run_overrides(name, kind, a.scene, seed, prior, exp_root, max(5.0, max_time), a.scale, self.cuda,
@@ -466,7 +570,11 @@ class Bench:
         r = launch(["--config", os.path.join(B.CONFIGS, name + ".yaml"), "--train", "--gpu", "0"] + o, root, log_path,
                    self.deadline - self.res["score"], probe_path=probe_path,
                    env_extra={"SCOREDISTILL_GT_UNET_COUNT_FILE": os.path.join(logs, f"{name}-seed{seed}.unet.json"),
-                              "SCOREDISTILL_GT3D_TRAIN_UNTIL": repr(until)})
+                              "SCOREDISTILL_GT3D_TRAIN_UNTIL": repr(until),
+                              # --max-train-seconds: Lightning's max_time alone (no window of the probe)
+                              **({} if a.max_train_seconds is not None else
+                                 {"SCOREDISTILL_GT3D_TRAIN_SECONDS": repr(max(5.0, train_s))})})
+        rec["train_window_s"] = max(5.0, train_s)
         rec.update({"rc": r["rc"], "killed": r["killed"], "launch_seconds": r["seconds"]})
         if os.path.isfile(probe_path):
             rec.update(summarise_probe(json.load(open(probe_path))))
@@ -526,6 +634,9 @@ class Bench:
         self.prior_info: Dict[str, Dict] = {}
         self.log(f"{len(names)} configs, budget {a.budget:.0f} s, scale {a.scale}, device "
                  f"{torch.cuda.get_device_name() if self.cuda else 'cpu'}")
+        if a.plan is not None:
+            self.log(plan_text(a.plan))
+            self.extra_meta["plan_ESTIMATE"] = a.plan
         from scoredistill.cli import link
 
         link(B.threestudio_root())
@@ -574,7 +685,8 @@ class Bench:
 NOT_OWN = ("prompt and prior (ground-truth 3D prior); cameras: the benchmark's eval setting (distance 2, fovy 70, "
            "elevation [-10, 45], no perturbation); data.n_val_views=4; guidance.half_precision_weights=false; "
            "Gaussian configs: sphere init; NeRF configs: pure-torch encodings/MLPs (GPU), hifa a tiny random DPT with "
-           "lambda_disparity=0; training stopped at the wall budget's training deadline (a prefix of the schedule)")
+           "lambda_disparity=0; training stopped at the run's window from its first step, inside the wall budget (a "
+           "prefix of the schedule)")
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -611,16 +723,46 @@ def markdown(data: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _NoStandInIPython:
+    """While drawing: a stand-in ``IPython`` module (the GPU kit's stubs: no ``version_info``, no ``get_ipython``)
+    is taken out of ``sys.modules`` and put back afterwards.  matplotlib probes ``sys.modules["IPython"]`` in
+    pyplot and in every new canvas (``FigureCanvasBase.__init__``), which broke both figures of the first GPU
+    run; a real IPython (it has ``version_info``) is left alone."""
+
+    def __enter__(self):
+        mod = sys.modules.get("IPython")
+        self._saved = mod if mod is not None and not hasattr(mod, "version_info") else None
+        if self._saved is not None:
+            del sys.modules["IPython"]
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            sys.modules["IPython"] = self._saved
+        return False
+
+
+def _figure(figsize):
+    """A matplotlib figure on the Agg canvas, without pyplot (no backend selection, no display hooks)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def write_grid(path: str, results: List[Dict], gt, scene: str, views=(0, 30, 60, 90)) -> None:
     """The truth and each config's final test views (4 azimuths), one row each."""
-    import matplotlib
+    with _NoStandInIPython():
+        _write_grid(path, results, gt, scene, views)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _write_grid(path: str, results: List[Dict], gt, scene: str, views) -> None:
 
     rows = sorted([r for r in results if r.get("trial") and B._step_images(r["trial"], "it*-test/*.png")],
                   key=lambda r: r["config"])
-    fig, axes = plt.subplots(len(rows) + 1, 1, figsize=(6, 1.6 * (len(rows) + 1)), squeeze=False)
+    fig = _figure((6, 1.6 * (len(rows) + 1)))
+    axes = fig.subplots(len(rows) + 1, 1, squeeze=False)
     strips = []
     for r in rows:
         tests = B._step_images(r["trial"], "it*-test/*.png")
@@ -641,17 +783,17 @@ def write_grid(path: str, results: List[Dict], gt, scene: str, views=(0, 30, 60,
         ax.set_yticks([])
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_curves(path: str, results: List[Dict]) -> None:
     """Validation PSNR against step and against UNet samples (``unet_samples / steps_done`` per step, exact)."""
-    import matplotlib
+    with _NoStandInIPython():
+        _write_curves(path, results)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+def _write_curves(path: str, results: List[Dict]) -> None:
+    fig = _figure((10, 3.6))
+    a1, a2 = fig.subplots(1, 2)
     for r in sorted(results, key=lambda r: r["config"]):
         curve = r.get("curve") or []
         if not curve:
@@ -670,7 +812,6 @@ def write_curves(path: str, results: List[Dict]) -> None:
     a1.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def pack_logs(work: str, path: str, max_bytes: int = 2_000_000) -> None:
@@ -703,7 +844,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     ap.add_argument("--scene", default="cube", choices=gt_scenes.SCENES, help="ground-truth scene")
     ap.add_argument("--edit-source", default="cube_recoloured", help="scene the edit configs start from")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0])
-    ap.add_argument("--views", type=int, default=480, help="prior components (training renders) per scene")
+    ap.add_argument("--views", type=int, default=480, help="prior components (training renders) per scene "
+                                                           "(a prior in --work with the "
+                                                           "same views / size / std is reused)")
+    ap.add_argument("--min-steps", type=int, default=50,
+                    help="gpu scale: refuse a --budget whose estimated training window (from the measured s/it) "
+                         "gives some config fewer steps than this")
     ap.add_argument("--size", type=int, default=None, help="prior render size (default 512 gpu, 32 cpu)")
     ap.add_argument("--component-std", type=float, default=0.05)
     ap.add_argument("--test-views", type=int, default=None, help="data.n_test_views (default: the config's, 120)")
@@ -723,7 +869,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         return args
     if args.budget <= 0:
         raise SystemExit(f"gt3d_gpu: --budget must be > 0 seconds, got {args.budget}")
-    for k in ("views", "size", "test_views", "workers", "cpu_steps"):
+    for k in ("views", "size", "test_views", "workers", "cpu_steps", "min_steps"):
         v = getattr(args, k)
         if v is not None and v < 1:
             raise SystemExit(f"gt3d_gpu: --{k.replace('_', '-')} must be >= 1, got {v}")
@@ -742,6 +888,17 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     base = GPU_RESERVES if args.scale == "gpu" else CPU_RESERVES
     args.reserves = {k: (getattr(args, f"reserve_{k}") if getattr(args, f"reserve_{k}") is not None else v)
                      for k, v in base.items()}
+    args.plan = None
+    if args.scale == "gpu":  # before anything heavy: is the budget enough for --min-steps steps of every config?
+        names = args.configs or known
+        args.plan = plan(names, args.budget, args.reserves, args.views, args.size, args.min_steps,
+                         any(config_kind(n).endswith("edit") for n in names), args.max_train_seconds)
+        short = {n: r["steps_in_window"] for n, r in args.plan["rows"].items() if r["steps_in_window"] < args.min_steps}
+        if short:
+            worst = min(short, key=short.get)
+            raise SystemExit(f"gt3d_gpu: --budget {args.budget:.0f} s gives {worst} ~{short[worst]} steps (estimate from "
+                             f"measured s/it), fewer than --min-steps {args.min_steps}: raise --budget to >= "
+                             f"{math.ceil(args.plan['budget_needed_s'])} s or lower --min-steps")
     args.out = os.path.abspath(args.out)
     args.work = os.path.abspath(args.work or args.out.rstrip(os.sep) + "-work")
     os.makedirs(args.out, exist_ok=True)

@@ -14,7 +14,9 @@ killed at the wall budget keeps what it measured:
 * ``step_seconds``: wall seconds of every training batch (CUDA synchronised), ``global_step``, ``max_steps``;
 * ``gaussians``: ``[(step, count), ...]`` of Gaussian configs (every ``EVERY`` steps and at the end);
 * ``peak_allocated_bytes`` / ``peak_reserved_bytes`` (CUDA, the whole process), ``peak_rss_bytes`` (CPU);
-* ``train_end_step``, ``stop_reason`` (``max_steps`` / ``wall_deadline`` (``SCOREDISTILL_GT3D_TRAIN_UNTIL``) /
+* ``t_first_step``, ``train_until`` (the stop: ``SCOREDISTILL_GT3D_TRAIN_SECONDS`` after the first step, bounded
+  by ``SCOREDISTILL_GT3D_TRAIN_UNTIL``);
+* ``train_end_step``, ``stop_reason`` (``max_steps`` / ``wall_deadline`` (either of those two) /
   ``max_time`` / ``other``), ``test_done``.
 """
 from __future__ import annotations
@@ -31,6 +33,9 @@ EVERY_ENV = "SCOREDISTILL_GT3D_PROBE_EVERY"
 #: tests and exports as after any fit.  Unlike ``trainer.max_time`` (counted from the start of training) it does
 #: not move with the process' start-up time, which varies when many runs start at once
 UNTIL_ENV = "SCOREDISTILL_GT3D_TRAIN_UNTIL"
+#: the run's own training window (seconds), counted from ITS first training step (so a slow start-up, e.g. many
+#: processes starting at once, does not shorten it); the absolute ``UNTIL_ENV`` still bounds it
+WINDOW_ENV = "SCOREDISTILL_GT3D_TRAIN_SECONDS"
 
 
 def _vm_hwm_bytes():
@@ -51,7 +56,7 @@ def gaussian_count(pl_module):
         return None
 
 
-def make_callback(out_path: str, every: int, until: float = None):
+def make_callback(out_path: str, every: int, until: float = None, window: float = None):
     import pytorch_lightning as pl
     import torch
 
@@ -61,6 +66,15 @@ def make_callback(out_path: str, every: int, until: float = None):
                         "train_end_step": None, "stop_reason": None, "test_done": False, "t_start": time.time()}
             self._t0 = None
             self._until_hit = False
+            self._until = until
+
+        def _stop_at(self, now: float):
+            """Called at the first training step: the run's stop is its window from now, bounded by ``until``."""
+            if window is not None:
+                own = now + window
+                self._until = own if self._until is None else min(self._until, own)
+                self.rec["t_first_step"] = now
+                self.rec["train_until"] = self._until
 
         @staticmethod
         def _cuda():
@@ -94,6 +108,9 @@ def make_callback(out_path: str, every: int, until: float = None):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._sync()
             self._t0 = time.perf_counter()
+            if "t_first_step" not in self.rec:
+                self.rec["t_first_step"] = time.time()
+                self._stop_at(self.rec["t_first_step"])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self._sync()
@@ -101,7 +118,7 @@ def make_callback(out_path: str, every: int, until: float = None):
             if len(self.rec["step_seconds"]) % every == 0:
                 self._count(trainer, pl_module)
                 self.write(trainer, pl_module)
-            if until is not None and time.time() >= until:
+            if self._until is not None and time.time() >= self._until:
                 self._until_hit = True
                 trainer.should_stop = True
 
@@ -127,14 +144,14 @@ def make_callback(out_path: str, every: int, until: float = None):
     return RunProbe()
 
 
-def install(out_path: str, every: int, until: float = None) -> None:
+def install(out_path: str, every: int, until: float = None, window: float = None) -> None:
     import pytorch_lightning
 
     base = pytorch_lightning.Trainer
 
     class RecordedTrainer(base):
         def __init__(self, *args, **kwargs):
-            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [make_callback(out_path, every, until)]
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [make_callback(out_path, every, until, window)]
             super().__init__(*args, **kwargs)
 
     pytorch_lightning.Trainer = RecordedTrainer
@@ -145,9 +162,9 @@ def main() -> None:
         sys.path.pop(0)  # run by path: do not shadow top-level modules with this folder's files
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    until = os.environ.get(UNTIL_ENV)
+    until, window = os.environ.get(UNTIL_ENV), os.environ.get(WINDOW_ENV)
     install(os.path.abspath(os.environ.get(OUT_ENV, "probe.json")), max(1, int(os.environ.get(EVERY_ENV, "25"))),
-            float(until) if until else None)
+            float(until) if until else None, float(window) if window else None)
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
