@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+from .paths import PACKAGE_DIR  # noqa: F401  (shared with suite/, tests)
 
 
 def link(threestudio_root: str, copy: bool = False) -> str:

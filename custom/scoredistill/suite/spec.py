@@ -47,9 +47,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..cli import PACKAGE_DIR
+from ..paths import CONFIGS as PACK_CONFIGS
 
-PACK_CONFIGS = os.path.normpath(os.path.join(PACKAGE_DIR, "..", "..", "configs"))
 COUNT_LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "count_launch.py")
 DEFAULT_LAUNCHER = ["{python}", "{count_launch}", "launch.py"]
 SUITE_KEYS = {"name", "output_dir", "threestudio_root", "prompts", "configs", "seeds", "overrides", "gpus",
