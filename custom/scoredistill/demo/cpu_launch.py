@@ -16,7 +16,7 @@ import os
 import runpy
 import sys
 
-STUBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_stubs")
+STUBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "testing", "cpu_stubs")
 #: top-level names served from ``cpu_stubs/`` when not installed
 STUB_NAMES = ("torchvision", "tinycudann", "nvdiffrast", "controlnet_aux", "_unavailable")
 PROGRESS_ENV = "SCOREDISTILL_PROGRESS_FILE"
