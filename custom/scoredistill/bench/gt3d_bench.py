@@ -122,8 +122,8 @@ def import_threestudio():
 def threestudio_root() -> str:
     root = threestudio_cpu.threestudio_root()
     if root is None:
-        raise RuntimeError("no threestudio work tree: run tests/harness/prepare_threestudio.py ../shared/threestudio "
-                           ".threestudio, or set THREESTUDIO_ROOT")
+        raise RuntimeError("no threestudio work tree: set THREESTUDIO_ROOT to one, or make the checkout's "
+                           ".threestudio/ as the README's test section says")
     return root
 
 

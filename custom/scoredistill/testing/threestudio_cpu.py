@@ -38,7 +38,7 @@ def cache_dir(repo: Optional[str] = None) -> str:
 
 def threestudio_root(repo: Optional[str] = None) -> Optional[str]:
     """The threestudio work tree: ``THREESTUDIO_ROOT`` if set, else ``<repo>/.threestudio/`` (made by
-    ``tests/harness/prepare_threestudio.py`` in a checkout) if present, else ``None``.
+    the README's test section in a checkout) if present, else ``None``.
 
     Raises ``RuntimeError`` if ``THREESTUDIO_ROOT`` is set but holds no ``launch.py`` (a typo must not silently
     skip the integration tests)."""
