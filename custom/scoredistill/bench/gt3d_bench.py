@@ -58,15 +58,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..paths import CONFIGS
+from ..paths import CONFIGS, PACKAGE_DIR, SCENES as SCENE_DIR
 from ..testing import threestudio_cpu
 from . import gt_scenes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+#: the folder holding the package (custom/ in a checkout, site-packages in an install): launch.py's PYTHONPATH
+PACK_PARENT = os.path.dirname(PACKAGE_DIR)
 #: launch.py runs behind this wrapper, which imports the ground-truth prior's model classes for diffusers
 GT_PRIOR_LAUNCH = os.path.join(os.path.dirname(HERE), "testing", "gt_prior_launch.py")
-SCENE_DIR = os.path.join(REPO, "load", "gt_scenes")
 
 #: the benchmark's render / latent size (the VAE factor 16 maps the guidances' 512² to 32² latents)
 RENDER_SIZE = 32
@@ -273,7 +273,7 @@ def run_one(row: Row, scene: str, seed: int, prior: str, out: str, steps: int, c
             timeout: float = 1800) -> Dict:
     """Run one (row, scene, seed) through launch.py; returns ``{"trial", "seconds", "unet_samples", "log"}``."""
     root = threestudio_root()
-    from scoredistill.cli import link
+    from scoredistill.paths import link
 
     link(root)
     exp_root = os.path.join(out, "runs", row.name.replace(" ", "_").replace("(", "").replace(")", ""), scene, f"seed{seed}")
@@ -283,7 +283,7 @@ def run_one(row: Row, scene: str, seed: int, prior: str, out: str, steps: int, c
     cmd = launcher + [GT_PRIOR_LAUNCH, "launch.py", "--config", os.path.join(CONFIGS, row.config), "--train", "--gpu", "0"]
     cmd += launch_overrides(row, scene, seed, prior, steps, cameras, lr_scale, exp_root)
     env = dict(os.environ)
-    paths = [os.path.join(REPO, "custom")] + ([] if torch.cuda.is_available() else [threestudio_cpu.STUBS])
+    paths = [PACK_PARENT] + ([] if torch.cuda.is_available() else [threestudio_cpu.STUBS])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
                 "SCOREDISTILL_GT_UNET_COUNT_FILE": count_file, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})

@@ -210,7 +210,7 @@ def launch(args: List[str], root: str, log_path: str, deadline: float, probe_pat
     cmd = [sys.executable] + ([PROBE] if probe_path else [])
     cmd += ([] if cuda else [threestudio_cpu.CPU_LAUNCH]) + [B.GT_PRIOR_LAUNCH, "launch.py"] + args
     env = dict(os.environ)
-    paths = [os.path.join(B.REPO, "custom")] + ([] if cuda else [threestudio_cpu.STUBS])
+    paths = [B.PACK_PARENT] + ([] if cuda else [threestudio_cpu.STUBS])
     # launch.py runs in the threestudio tree: relative entries (e.g. the GPU kit's .gpu-kit/stubs) made absolute
     paths += [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -521,7 +521,7 @@ class Bench:
         self.prior_info: Dict[str, Dict] = {}
         self.log(f"{len(names)} configs, budget {a.budget:.0f} s, scale {a.scale}, device "
                  f"{torch.cuda.get_device_name() if self.cuda else 'cpu'}")
-        from scoredistill.cli import link
+        from scoredistill.paths import link
 
         link(B.threestudio_root())
         if any(k.startswith("nerf") for k in kinds.values()):

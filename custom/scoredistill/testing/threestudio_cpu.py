@@ -4,7 +4,7 @@ the test suite share (tooling; the runtime never imports it).
 * :func:`threestudio_root` -- the threestudio work tree: ``THREESTUDIO_ROOT``, else ``<repo>/.threestudio``.
 * :func:`import_threestudio` -- import threestudio in this process with the CPU device patch and the stand-ins of
   :data:`STUBS` (``cpu_stubs/``, the one copy), then register the pack.
-* :data:`CPU_LAUNCH` -- the CPU launcher run by path in front of ``launch.py`` (:mod:`scoredistill.demo.cpu_launch`).
+* :data:`CPU_LAUNCH` -- the CPU launcher run by path in front of ``launch.py`` (:mod:`.cpu_launch`).
 * tiny random-weight models, built once under :func:`cache_dir`: :func:`tiny_sd_path`, :func:`tiny_sd_f8_path`,
   :func:`tiny_dpt_path`, :func:`tiny_clip_path`.
 * launch overrides for CPU runs: :func:`tiny_overrides` (guidance + prompt processor on the tiny SD, small renders),
@@ -24,7 +24,7 @@ from ..paths import CHECKOUT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STUBS = os.path.join(HERE, "cpu_stubs")
-CPU_LAUNCH = os.path.join(os.path.dirname(HERE), "demo", "cpu_launch.py")
+CPU_LAUNCH = os.path.join(HERE, "cpu_launch.py")
 
 
 def _repo(repo: Optional[str]) -> str:
@@ -80,7 +80,7 @@ def tiny_clip_path(repo: Optional[str] = None) -> str:
 
 
 def _default_cpu_install() -> None:
-    from ..demo import cpu_launch
+    from . import cpu_launch
 
     cpu_launch.install()
 
@@ -88,7 +88,7 @@ def _default_cpu_install() -> None:
 def import_threestudio(repo: Optional[str] = None, install_cpu: Optional[Callable[[], None]] = None):
     """Import threestudio from :func:`threestudio_root` in this process (CPU device patch, stand-ins) and register
     the pack.  ``install_cpu``: the CPU patch to install before threestudio's first import (default
-    :func:`scoredistill.demo.cpu_launch.install`).
+    :func:`scoredistill.testing.cpu_launch.install`).
 
     Raises:
         RuntimeError: no threestudio work tree.
