@@ -11,8 +11,6 @@ strategy on the gloo backend if ``SCOREDISTILL_CPU_DEVICES=N``: N processes, the
 ``launch.py --gpu 0,1,...``; ranks 1.. are re-launched through this wrapper), puts the stand-ins of ``scoredistill/testing/cpu_stubs/`` on
 ``sys.path``, and then runs launch.py with ``runpy`` as ``__main__``.
 """
-import importlib.abc
-import importlib.machinery
 import os
 import runpy
 import sys
@@ -38,26 +36,19 @@ STUBS = _package_stubs()
 sys.path.insert(0, STUBS)
 
 
-class _PatchMisc(importlib.abc.MetaPathFinder):
-    target = "threestudio.utils.misc"
+def _package_cpu_launch():
+    """The pack's CPU launcher (``scoredistill/testing/cpu_launch.py``: the ``get_device`` patch), loaded by path
+    without importing the pack."""
+    import importlib.util
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.target:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None:
-            return None
-        loader = spec.loader
-        original_exec = loader.exec_module
+    spec = importlib.util.spec_from_file_location("_scoredistill_cpu_launch", os.path.join(os.path.dirname(STUBS),
+                                                                                          "cpu_launch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-        def exec_module(module):
-            original_exec(module)
-            import torch
 
-            module.get_device = lambda: torch.device("cpu")
-
-        loader.exec_module = exec_module
-        return spec
+_PatchMisc = _package_cpu_launch()._PatchMisc
 
 
 #: number of CPU processes (DDP ranks) the Trainer uses; >1: strategy ddp with the gloo backend
