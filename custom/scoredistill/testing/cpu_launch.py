@@ -9,7 +9,8 @@ import hook that replaces ``get_device`` right after ``threestudio.utils.misc`` 
 it by name), makes ``pytorch_lightning.Trainer`` use ``accelerator="cpu", devices=1``, and serves the stand-ins
 of ``cpu_stubs/`` for CUDA-only packages that are not installed (:class:`StubFinder`, after every real finder:
 an installed package always wins).  ``SCOREDISTILL_PROGRESS_FILE``: the trainer writes ``step max_steps`` there
-after every training step (the demo's progress bar).  Then launch.py runs with ``runpy`` as ``__main__``.
+after every training step (the demo's progress bar).  Then the ``scoredistill.*`` model modules that the command's
+model folders name are imported (:mod:`.gt_prior_launch`), and launch.py runs with ``runpy`` as ``__main__``.
 """
 import importlib.abc
 import importlib.machinery
@@ -98,6 +99,12 @@ def main(argv=None) -> None:
     script = argv[0]
     sys.argv = argv
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    if os.path.basename(script) == "launch.py":
+        # the model classes the command's model folders name (the ground-truth prior of the demo and the
+        # benchmarks), which threestudio's own guidance loads through diffusers (see gt_prior_launch.py)
+        from scoredistill.testing.gt_prior_launch import import_pack_modules_named
+
+        import_pack_modules_named(argv[1:])
     runpy.run_path(script, run_name="__main__")
 
 

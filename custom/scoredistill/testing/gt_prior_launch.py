@@ -42,6 +42,16 @@ def pack_modules_named(argv: Sequence[str]) -> List[str]:
     return sorted(out)
 
 
+def import_pack_modules_named(argv: Sequence[str]) -> List[str]:
+    """Import the modules of :func:`pack_modules_named`; returns their names."""
+    import importlib
+
+    modules = pack_modules_named(argv)
+    for module in modules:
+        importlib.import_module(module)
+    return modules
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -51,10 +61,7 @@ def main(argv=None) -> None:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     script = argv[0]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    import importlib
-
-    for module in pack_modules_named(argv[1:]):
-        importlib.import_module(module)
+    import_pack_modules_named(argv[1:])
 
     sys.argv = argv
     runpy.run_path(script, run_name="__main__")
