@@ -99,3 +99,24 @@ def test_the_launch_wrapper_imports_exactly_the_pack_modules_a_model_folder_name
             "system.guidance.pretrained_model_name_or_path=/no/such/folder"]
     assert pack_modules_named(argv) == ["scoredistill.testing.gt_prior3d"]
     assert pack_modules_named(argv[3:]) == []
+
+
+def test_the_cpu_launcher_imports_the_prior_module_a_model_folder_names(tmp_path):
+    """``scoredistill demo --method gs-sds`` runs threestudio's own guidance on the ground-truth prior through the
+    CPU launcher; diffusers finds the prior's classes only in an imported module, and the runtime no longer imports
+    it (this failed with "scoredistill.testing.gt_prior3d ... has not been imported")."""
+    import subprocess
+    import sys
+
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    (prior / "model_index.json").write_text(json.dumps({"unet": ["scoredistill.testing.gt_prior3d", "GroundTruthUNet"]}))
+    root = tmp_path / "ts"
+    root.mkdir()
+    (root / "launch.py").write_text("import sys\nprint('LOADED', 'scoredistill.testing.gt_prior3d' in sys.modules)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(PACK))
+    for folder, expected in ((prior, "LOADED True"), (tmp_path, "LOADED False")):
+        p = subprocess.run([sys.executable, os.path.join(PACK, "testing", "cpu_launch.py"), "launch.py",
+                            f"system.guidance.pretrained_model_name_or_path={folder}"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and expected in p.stdout, p.stdout + p.stderr
