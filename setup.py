@@ -44,8 +44,12 @@ setup(
     name="scoredistill",
     version="0.1.0",
     description="threestudio extension pack: GE3D, LODS, DreamMapping VDM, UDS, HiFA and 3D Gaussians on gsplat",
-    package_dir={"": "custom"},
-    packages=find_packages("custom"),
+    # the configs and the ground-truth scenes travel in a wheel as data folders of the package (a checkout uses
+    # configs/ and load/gt_scenes/ in place: scoredistill.paths), and so do the CPU stand-ins (no Python package)
+    package_dir={"": "custom", "scoredistill.pack_configs": "configs", "scoredistill.pack_scenes": "load/gt_scenes"},
+    packages=find_packages("custom") + ["scoredistill.pack_configs", "scoredistill.pack_scenes"],
+    package_data={"scoredistill": ["testing/cpu_stubs/**/*"], "scoredistill.pack_configs": ["*.yaml"],
+                  "scoredistill.pack_scenes": ["*.ply"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+from .paths import PACKAGE_DIR, link  # noqa: F401  (shared with the suite runner, the benchmarks, the demo)
 
 DESCRIPTION = """scoredistill: score-distillation methods (GE3D, LODS, DreamMapping, UDS, HiFA) and 3D Gaussians for threestudio.
 
@@ -31,30 +30,6 @@ commands:
   mesh GAUSSIANS.ply OUT_DIR   textured mesh (OBJ+MTL+PNG, GLB, JSON) from a 3DGS PLY
 
 'scoredistill COMMAND --help' shows each command's options with their defaults."""
-
-
-def link(threestudio_root: str, copy: bool = False) -> str:
-    """Link (or copy) the package into ``threestudio_root/custom/scoredistill``; returns that path.
-
-    Raises:
-        FileNotFoundError: ``threestudio_root`` has no ``launch.py`` or no ``custom/`` folder.
-        FileExistsError: ``custom/scoredistill`` exists and is not a link to this package.
-    """
-    root = os.path.abspath(threestudio_root)
-    if not os.path.isfile(os.path.join(root, "launch.py")) or not os.path.isdir(os.path.join(root, "custom")):
-        raise FileNotFoundError(f"{root} is not a threestudio checkout (needs launch.py and custom/)")
-    dest = os.path.join(root, "custom", "scoredistill")
-    if os.path.islink(dest):
-        if os.path.realpath(dest) == os.path.realpath(PACKAGE_DIR):
-            return dest
-        raise FileExistsError(f"{dest} links to {os.path.realpath(dest)}, not to {PACKAGE_DIR}; remove it first")
-    if os.path.exists(dest):
-        raise FileExistsError(f"{dest} already exists; remove it first")
-    if copy:
-        shutil.copytree(PACKAGE_DIR, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        os.symlink(PACKAGE_DIR, dest)
-    return dest
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""threestudio integration harness (tests only).
+"""threestudio integration harness (tests only; what the benchmarks share with it lives in the pack's
+:mod:`scoredistill.testing.threestudio_cpu`, re-exported here).
 
 * :func:`threestudio_root` -- the work tree named by ``THREESTUDIO_ROOT`` (or ``None``).
 * :func:`import_threestudio` -- import threestudio in-process on the CPU (stand-ins + device patch).
@@ -21,83 +22,51 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
+
+from scoredistill.testing import threestudio_cpu as _tc
+from scoredistill.testing.threestudio_cpu import gs_cpu_overrides, nerf_cpu_overrides, tiny_overrides  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-STUBS = os.path.join(HERE, "stubs")
-CACHE = os.environ.get("SCOREDISTILL_TEST_CACHE", os.path.join(REPO, ".tiny-models"))
+STUBS = _tc.STUBS  # the pack's one copy of the stand-ins (scoredistill/testing/cpu_stubs)
+CACHE = _tc.cache_dir(REPO)
 
 
 def threestudio_root() -> Optional[str]:
-    """The threestudio work tree for the integration tests: ``THREESTUDIO_ROOT`` if set, else the repository's
-    ``.threestudio/`` (made by ``tests/harness/prepare_threestudio.py``) if present, else ``None``.
-
-    Raises ``RuntimeError`` if ``THREESTUDIO_ROOT`` is set but holds no ``launch.py`` (a typo must not silently
-    skip the integration tests)."""
-    root = os.environ.get("THREESTUDIO_ROOT")
-    if root:
-        if not os.path.isfile(os.path.join(root, "launch.py")):
-            raise RuntimeError(f"THREESTUDIO_ROOT={root} is not a threestudio work tree (no launch.py)")
-        return os.path.abspath(root)
-    local = os.path.join(REPO, ".threestudio")
-    if os.path.isfile(os.path.join(local, "launch.py")):
-        return local
-    return None
+    """:func:`scoredistill.testing.threestudio_cpu.threestudio_root` of this checkout (``THREESTUDIO_ROOT``, else
+    ``.threestudio/``, else ``None``)."""
+    return _tc.threestudio_root(REPO)
 
 
 def tiny_sd_path() -> str:
-    from scoredistill.testing.tiny_models import build_tiny_stable_diffusion
-
-    return build_tiny_stable_diffusion(os.path.join(CACHE, "tiny-sd"))
+    return _tc.tiny_sd_path(REPO)
 
 
 def tiny_sd_f8_path() -> str:
-    """Tiny SD with Stable Diffusion's x8 VAE (512x512 renders -> 64x64 latents), for threestudio's own
-    ``stable-diffusion-guidance``, which always resizes to 512 and decodes at 64x64 latents."""
-    from scoredistill.testing.tiny_models import build_tiny_stable_diffusion
-
-    return build_tiny_stable_diffusion(os.path.join(CACHE, "tiny-sd-vae8"), vae_scale_factor=8)
+    return _tc.tiny_sd_f8_path(REPO)
 
 
 def tiny_dpt_path() -> str:
-    from scoredistill.testing.tiny_models import build_tiny_dpt
-
-    return build_tiny_dpt(os.path.join(CACHE, "tiny-dpt"))
+    return _tc.tiny_dpt_path(REPO)
 
 
 def tiny_clip_path() -> str:
-    from scoredistill.testing.tiny_models import build_tiny_clip
+    return _tc.tiny_clip_path(REPO)
 
-    return build_tiny_clip(os.path.join(CACHE, "tiny-clip"))
+
+def _install_cpu_launch():
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import cpu_launch
+
+    cpu_launch.install()
 
 
 def import_threestudio():
-    """Import threestudio from ``THREESTUDIO_ROOT`` in this process (CPU device, stand-ins) and the pack."""
-    root = threestudio_root()
-    if root is None:
-        raise RuntimeError("THREESTUDIO_ROOT is not set to a threestudio work tree")
-    if STUBS not in sys.path:
-        # transformers caches whether torchvision is importable (lru_cache): settle it before the stand-in is on
-        # sys.path, so its image processors (DPT, CLIP) keep their PIL backend in this process whatever the
-        # test order -- the stand-in has no real ops
-        from transformers.utils import import_utils
-
-        import_utils.is_torchvision_available()
-        sys.path.insert(0, STUBS)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    if "threestudio" not in sys.modules:
-        sys.path.insert(0, HERE)
-        import cpu_launch
-
-        cpu_launch.install()
-    import threestudio
-
-    import scoredistill
-
-    scoredistill.register_with_threestudio()  # idempotent; no-op if already registered
-    return threestudio
+    """Import threestudio from ``THREESTUDIO_ROOT`` in this process (CPU device patch of the harness'
+    ``cpu_launch.py``, stand-ins) and the pack."""
+    return _tc.import_threestudio(REPO, install_cpu=_install_cpu_launch)
 
 
 def link_pack(root: str) -> str:
@@ -159,76 +128,7 @@ def run_launch(
     return trials[-1]
 
 
-# ------------------------------------------------------------------------------------------ CPU launch overrides
-def tiny_overrides(
-    tiny_sd: str,
-    *extra: str,
-    prompt: Optional[str] = "a hamburger",
-    image_size: int = 32,
-    render_size: int = 32,
-    max_steps: Optional[int] = None,
-) -> List[str]:
-    """launch.py overrides for any pack config on the CPU with the tiny SD at ``tiny_sd``.
-
-    Guidance and prompt processor load the tiny SD (no spawned process, fp32 weights and trainer precision),
-    the guidance resizes renders to ``image_size``, the data renders ``render_size``² views (1 validation,
-    2 test views); ``prompt=None`` leaves the config's prompt; ``max_steps`` also sets
-    ``trainer.val_check_interval`` (validate once, at the end).  ``extra`` overrides are appended (a later
-    override of the same key wins).
-    """
-    out = [
-        f"system.guidance.pretrained_model_name_or_path={tiny_sd}",
-        f"system.prompt_processor.pretrained_model_name_or_path={tiny_sd}",
-        "system.prompt_processor.spawn=false",
-        "system.guidance.half_precision_weights=false",
-        f"system.guidance.image_size={image_size}",
-        "trainer.precision=32",
-        f"data.width={render_size}",
-        f"data.height={render_size}",
-        f"data.eval_width={render_size}",
-        f"data.eval_height={render_size}",
-        "data.n_val_views=1",
-        "data.n_test_views=2",
-    ]
-    if prompt is not None:
-        out.append(f"system.prompt_processor.prompt={prompt}")
-    if max_steps is not None:
-        out += [f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={max_steps}"]
-    return out + list(extra)
-
-
-def gs_cpu_overrides(num_points: int = 300, batch_size: int = 2) -> List[str]:
-    """Gaussian-splatting configs (``gsplat-system``) made small: a sphere of ``num_points`` Gaussians, no upsampling."""
-    return [
-        f"data.batch_size={batch_size}",
-        "system.geometry.init=sphere",
-        f"system.geometry.num_points={num_points}",
-        "system.geometry.upsample_to=0",
-    ]
-
-
-def nerf_cpu_overrides(tiny_mlp: bool = False) -> List[str]:
-    """NeRF configs (``implicit-volume``) made CPU-runnable: pure-torch encodings (no tiny-cuda-nn) and the pack's
-    ``kernel-smoothed-volume-renderer`` (threestudio's ``nerf-volume-renderer`` needs CUDA), few samples per
-    ray.  ``tiny_mlp``: also a 1-hidden-layer 16-neuron torch MLP (for configs asking for tcnn MLPs)."""
-    out = [
-        "system.geometry.pos_encoding_config.otype=ProgressiveBandFrequency",
-        "system.geometry.pos_encoding_config.n_frequencies=4",
-        "system.background.dir_encoding_config.otype=ProgressiveBandFrequency",
-        "system.background.dir_encoding_config.n_frequencies=2",
-        "system.renderer_type=kernel-smoothed-volume-renderer",
-        "system.renderer.num_samples_per_ray=16",
-        "system.renderer.num_samples_per_ray_importance=8",
-    ]
-    if tiny_mlp:
-        out += [
-            "system.geometry.mlp_network_config.otype=VanillaMLP",
-            "system.geometry.mlp_network_config.activation=ReLU",
-            "system.geometry.mlp_network_config.output_activation=none",
-            "system.geometry.mlp_network_config.n_neurons=16",
-            "system.geometry.mlp_network_config.n_hidden_layers=1",
-        ]
-    return out
+# CPU launch overrides (tiny_overrides, gs_cpu_overrides, nerf_cpu_overrides): scoredistill.testing.threestudio_cpu
 
 
 # ------------------------------------------------------------------------------------------ in-process helpers

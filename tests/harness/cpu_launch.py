@@ -8,39 +8,47 @@ launch.py builds ``Trainer(accelerator="gpu")``.  This wrapper installs an impor
 ``get_device`` right after ``threestudio.utils.misc`` executes (before anything imports it by name), makes
 ``pytorch_lightning.Trainer`` use ``accelerator="cpu", devices=1`` (``devices=N`` with Lightning's ``ddp``
 strategy on the gloo backend if ``SCOREDISTILL_CPU_DEVICES=N``: N processes, the code path of
-``launch.py --gpu 0,1,...``; ranks 1.. are re-launched through this wrapper), puts the stand-ins of ``stubs/`` on
+``launch.py --gpu 0,1,...``; ranks 1.. are re-launched through this wrapper), puts the stand-ins of ``scoredistill/testing/cpu_stubs/`` on
 ``sys.path``, and then runs launch.py with ``runpy`` as ``__main__``.
 """
-import importlib.abc
-import importlib.machinery
 import os
 import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "stubs"))
 
 
-class _PatchMisc(importlib.abc.MetaPathFinder):
-    target = "threestudio.utils.misc"
+def _package_stubs() -> str:
+    """The pack's one copy of the stand-ins (``scoredistill/testing/cpu_stubs``): this checkout's, else the
+    importable pack's, found without importing it (its import would import threestudio before the device patch)."""
+    import importlib.util
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.target:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None:
-            return None
-        loader = spec.loader
-        original_exec = loader.exec_module
+    local = os.path.join(os.path.dirname(os.path.dirname(HERE)), "custom", "scoredistill", "testing", "cpu_stubs")
+    if os.path.isdir(local):
+        return local
+    spec = importlib.util.find_spec("scoredistill")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("scoredistill is not importable: pip install -e . or put custom/ on PYTHONPATH")
+    return os.path.join(list(spec.submodule_search_locations)[0], "testing", "cpu_stubs")
 
-        def exec_module(module):
-            original_exec(module)
-            import torch
 
-            module.get_device = lambda: torch.device("cpu")
+STUBS = _package_stubs()
+sys.path.insert(0, STUBS)
 
-        loader.exec_module = exec_module
-        return spec
+
+def _package_cpu_launch():
+    """The pack's CPU launcher (``scoredistill/testing/cpu_launch.py``: the ``get_device`` patch), loaded by path
+    without importing the pack."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_scoredistill_cpu_launch", os.path.join(os.path.dirname(STUBS),
+                                                                                          "cpu_launch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_PatchMisc = _package_cpu_launch()._PatchMisc
 
 
 #: number of CPU processes (DDP ranks) the Trainer uses; >1: strategy ddp with the gloo backend

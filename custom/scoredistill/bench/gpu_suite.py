@@ -249,8 +249,7 @@ def _launch_overrides(repo: str, config: str, tiny: bool, sd_path: str, exp_root
     if not tiny:
         return [f"exp_root_dir={exp_root}", f"system.guidance.pretrained_model_name_or_path={sd_path}",
                 f"system.prompt_processor.pretrained_model_name_or_path={sd_path}", "system.prompt_processor.spawn=false"]
-    sys.path.insert(0, os.path.join(repo, "tests"))
-    from harness import gs_cpu_overrides, nerf_cpu_overrides, tiny_overrides
+    from ..testing.threestudio_cpu import gs_cpu_overrides, nerf_cpu_overrides, tiny_overrides
 
     extra = gs_cpu_overrides() if config.endswith("-gs") or config == "gs-sds" else nerf_cpu_overrides(tiny_mlp=True)
     return [f"exp_root_dir={exp_root}", *tiny_overrides(sd_path), *extra]
@@ -275,17 +274,16 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
     root = os.environ.get("THREESTUDIO_ROOT")
     if not root or not os.path.isfile(os.path.join(root, "launch.py")):
         raise RuntimeError("THREESTUDIO_ROOT must name a threestudio work tree (launch.py)")
-    from ..cli import link
+    from ..paths import link
 
     link(root)
     names = configs or sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(repo, "configs", "*.yaml")))
     names = [c for c in names if c not in SKIP_CONFIGS]
     names = sorted(names, key=lambda c: (c not in PAPER_TIMES, names.index(c)))  # configs with paper times first
     if tiny:
-        sys.path.insert(0, os.path.join(repo, "tests"))
-        from harness import tiny_sd_path
+        from ..testing.threestudio_cpu import tiny_sd_path
 
-        sd_path, sd_desc = tiny_sd_path(), "tiny random SD (tests' tiny model), fp32, CPU"
+        sd_path, sd_desc = tiny_sd_path(repo), "tiny random SD (tests' tiny model), fp32, CPU"
     else:
         t0 = time.perf_counter()
         sd_path = build_sd21_arch_pipeline(os.path.join(work, "sd21-base-arch"), device="cuda")
@@ -294,7 +292,7 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
                SCOREDISTILL_PROBE_STEPS=str(steps), SCOREDISTILL_PROBE_SKIP_TEST="1",
                SCOREDISTILL_PROBE_PROFILE="1" if profile else "0")
     pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [pack] + ([os.path.join(repo, "tests", "harness", "stubs")] if tiny else [])
+    paths = [pack] + ([os.path.join(pack, "scoredistill", "testing", "cpu_stubs")] if tiny else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     rows = []
     for name in names:
@@ -305,7 +303,7 @@ def section_launch(repo: str, tiny: bool, configs: Optional[List[str]], steps: i
         probe = os.path.join(work, f"probe_{name}.json")
         if os.path.exists(probe):
             os.remove(probe)
-        runner = [os.path.join(repo, "tests", "harness", "cpu_launch.py")] if tiny else []
+        runner = [os.path.join(pack, "scoredistill", "testing", "cpu_launch.py")] if tiny else []
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch_probe.py"), *runner, "launch.py", "--config",
                os.path.join(repo, "configs", name + ".yaml"), "--train", "--gpu", "0",
                *_launch_overrides(repo, name, tiny, sd_path, os.path.join(work, "outputs")),

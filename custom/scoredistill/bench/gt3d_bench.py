@@ -58,13 +58,15 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..paths import CONFIGS, PACKAGE_DIR, SCENES as SCENE_DIR
+from ..testing import threestudio_cpu
 from . import gt_scenes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-HARNESS = os.path.join(REPO, "tests", "harness")
-CONFIGS = os.path.join(REPO, "configs")
-SCENE_DIR = os.path.join(REPO, "load", "gt_scenes")
+#: the folder holding the package (custom/ in a checkout, site-packages in an install): launch.py's PYTHONPATH
+PACK_PARENT = os.path.dirname(PACKAGE_DIR)
+#: launch.py runs behind this wrapper, which imports the ground-truth prior's model classes for diffusers
+GT_PRIOR_LAUNCH = os.path.join(os.path.dirname(HERE), "testing", "gt_prior_launch.py")
 
 #: the benchmark's render / latent size (the VAE factor 16 maps the guidances' 512² to 32² latents)
 RENDER_SIZE = 32
@@ -113,21 +115,15 @@ ROW_BY_NAME = {r.name: r for r in ROWS}
 # ------------------------------------------------------------------------------------------ threestudio in-process
 def import_threestudio():
     """threestudio (the repository's ``.threestudio`` or ``$THREESTUDIO_ROOT``) imported in this process; on a
-    machine without CUDA through the test harness' CPU device patch and stand-ins."""
-    sys.path.insert(0, os.path.dirname(HARNESS))
-    from harness import import_threestudio as _imp
-
-    return _imp()
+    machine without CUDA through the CPU device patch and stand-ins of :mod:`scoredistill.testing.threestudio_cpu`."""
+    return threestudio_cpu.import_threestudio()
 
 
 def threestudio_root() -> str:
-    sys.path.insert(0, os.path.dirname(HARNESS))
-    from harness import threestudio_root as _root
-
-    root = _root()
+    root = threestudio_cpu.threestudio_root()
     if root is None:
-        raise RuntimeError("no threestudio work tree: run tests/harness/prepare_threestudio.py ../shared/threestudio "
-                           ".threestudio, or set THREESTUDIO_ROOT")
+        raise RuntimeError("no threestudio work tree: set THREESTUDIO_ROOT to one, or make the checkout's "
+                           ".threestudio/ as the README's test section says")
     return root
 
 
@@ -259,16 +255,11 @@ def launch_overrides(row: Row, scene: str, seed: int, prior: str, steps: int, ca
         o.append(f"system.optimizer.params={{{groups}}}")  # group names hold dots: one dict override
         o += [f"system.position_lr.lr_init={0.001 * lr_scale:g}", f"system.position_lr.lr_final={0.00002 * lr_scale:g}"]
     else:
-        sys.path.insert(0, os.path.dirname(HARNESS))
-        from harness import nerf_cpu_overrides
-
         if not torch.cuda.is_available():
-            o += nerf_cpu_overrides(tiny_mlp=True)
+            o += threestudio_cpu.nerf_cpu_overrides(tiny_mlp=True)
         if row.config == "hifa.yaml":
             # no DPT weights here: a tiny random DPT keeps the code path, its (meaningless) disparity term is off
-            from harness import tiny_dpt_path
-
-            o += [f"system.disparity_model_name_or_path={tiny_dpt_path()}", "system.loss.lambda_disparity=0"]
+            o += [f"system.disparity_model_name_or_path={threestudio_cpu.tiny_dpt_path()}", "system.loss.lambda_disparity=0"]
             if not torch.cuda.is_available():
                 o += ["system.material.dir_encoding_config.otype=ProgressiveBandFrequency",
                       "system.material.dir_encoding_config.n_frequencies=2",
@@ -282,17 +273,17 @@ def run_one(row: Row, scene: str, seed: int, prior: str, out: str, steps: int, c
             timeout: float = 1800) -> Dict:
     """Run one (row, scene, seed) through launch.py; returns ``{"trial", "seconds", "unet_samples", "log"}``."""
     root = threestudio_root()
-    from scoredistill.cli import link
+    from scoredistill.paths import link
 
     link(root)
     exp_root = os.path.join(out, "runs", row.name.replace(" ", "_").replace("(", "").replace(")", ""), scene, f"seed{seed}")
     os.makedirs(exp_root, exist_ok=True)
     count_file = os.path.join(exp_root, "unet_count.json")
-    launcher = [sys.executable] + ([] if torch.cuda.is_available() else [os.path.join(HARNESS, "cpu_launch.py")])
-    cmd = launcher + ["launch.py", "--config", os.path.join(CONFIGS, row.config), "--train", "--gpu", "0"]
+    launcher = [sys.executable] + ([] if torch.cuda.is_available() else [threestudio_cpu.CPU_LAUNCH])
+    cmd = launcher + [GT_PRIOR_LAUNCH, "launch.py", "--config", os.path.join(CONFIGS, row.config), "--train", "--gpu", "0"]
     cmd += launch_overrides(row, scene, seed, prior, steps, cameras, lr_scale, exp_root)
     env = dict(os.environ)
-    paths = [os.path.join(REPO, "custom")] + ([] if torch.cuda.is_available() else [os.path.join(HARNESS, "stubs")])
+    paths = [PACK_PARENT] + ([] if torch.cuda.is_available() else [threestudio_cpu.STUBS])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
                 "SCOREDISTILL_GT_UNET_COUNT_FILE": count_file, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})

@@ -72,6 +72,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..testing import threestudio_cpu
 from . import gt3d_bench as B
 from . import gt_scenes
 
@@ -259,16 +260,10 @@ def run_overrides(name: str, kind: str, scene: str, seed: int, prior: str, exp_r
         if cuda:
             o += NERF_TORCH_OVERRIDES
         else:
-            sys.path.insert(0, os.path.dirname(B.HARNESS))
-            from harness import nerf_cpu_overrides
-
-            o += nerf_cpu_overrides(tiny_mlp=True)
+            o += threestudio_cpu.nerf_cpu_overrides(tiny_mlp=True)
         if name == "hifa":
-            sys.path.insert(0, os.path.dirname(B.HARNESS))
-            from harness import tiny_dpt_path
-
             o += (HIFA_MATERIAL_TORCH if cuda else HIFA_MATERIAL_CPU)
-            o += [f"system.disparity_model_name_or_path={tiny_dpt_path()}", "system.loss.lambda_disparity=0"]
+            o += [f"system.disparity_model_name_or_path={threestudio_cpu.tiny_dpt_path()}", "system.loss.lambda_disparity=0"]
         if kind == "nerf-edit":
             o += [f"system.source_checkpoint={source_ckpt}", f"system.source_prompt={gt_scenes.PROMPTS[source_scene]}"]
     if scale == "cpu":
@@ -300,13 +295,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def launch(args: List[str], root: str, log_path: str, deadline: float, probe_path: Optional[str] = None,
            env_extra: Optional[Dict[str, str]] = None) -> Dict:
-    """Run ``launch.py args`` (through the probe, and on a CPU machine the test harness' ``cpu_launch.py``) in its
-    own process group; killed at ``deadline`` (epoch seconds).  Returns ``{"rc", "killed", "seconds"}``."""
+    """Run ``launch.py args`` (through the probe, on a CPU machine the CPU launcher of
+    :mod:`scoredistill.testing.threestudio_cpu`, and the ground-truth prior's import wrapper) in its own process group; killed at ``deadline`` (epoch seconds).  Returns ``{"rc", "killed", "seconds"}``."""
     cuda = torch.cuda.is_available()
     cmd = [sys.executable] + ([PROBE] if probe_path else [])
-    cmd += ([] if cuda else [os.path.join(B.HARNESS, "cpu_launch.py")]) + ["launch.py"] + args
+    cmd += ([] if cuda else [threestudio_cpu.CPU_LAUNCH]) + [B.GT_PRIOR_LAUNCH, "launch.py"] + args
     env = dict(os.environ)
-    paths = [os.path.join(B.REPO, "custom")] + ([] if cuda else [os.path.join(B.HARNESS, "stubs")])
+    paths = [B.PACK_PARENT] + ([] if cuda else [threestudio_cpu.STUBS])
     # launch.py runs in the threestudio tree: relative entries (e.g. the GPU kit's .gpu-kit/stubs) made absolute
     paths += [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -637,7 +632,7 @@ class Bench:
         if a.plan is not None:
             self.log(plan_text(a.plan))
             self.extra_meta["plan_ESTIMATE"] = a.plan
-        from scoredistill.cli import link
+        from scoredistill.paths import link
 
         link(B.threestudio_root())
         if any(k.startswith("nerf") for k in kinds.values()):

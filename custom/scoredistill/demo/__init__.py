@@ -331,7 +331,7 @@ def run_demo(a, log=print) -> Dict:
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     from ..atomic_io import atomic_write_json
-    from ..cli import link
+    from ..paths import link
 
     try:
         link(root)

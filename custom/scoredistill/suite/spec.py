@@ -26,7 +26,7 @@ with ``CUDA_VISIBLE_DEVICES`` set to the run's GPU, so its trial folder is ``RUN
 (no timestamp: a rerun lands in the same folder).  The default launcher is
 ``["{python}", "{count_launch}", "launch.py"]``: launch.py run unmodified, with a counter of UNet forward
 samples (:mod:`scoredistill.suite.count_launch`); in the launcher ``{python}`` is replaced by the runner's
-Python and ``{count_launch}`` by the path of ``count_launch.py``.  Tests put ``tests/harness/cpu_launch.py`` between the counter and launch.py.
+Python and ``{count_launch}`` by the path of ``count_launch.py``.  The test suite puts its CPU launcher between the counter and launch.py.
 
 Overrides (``overrides:`` of the suite or of a config) may not set what the runner sets for every run
 (:data:`RUNNER_SETTINGS`: ``exp_root_dir``, ``name``, ``tag``, ``use_timestamp``, ``trial_dir``, ``timestamp``,
@@ -47,9 +47,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..cli import PACKAGE_DIR
+from ..paths import CONFIGS as PACK_CONFIGS
 
-PACK_CONFIGS = os.path.normpath(os.path.join(PACKAGE_DIR, "..", "..", "configs"))
 COUNT_LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "count_launch.py")
 DEFAULT_LAUNCHER = ["{python}", "{count_launch}", "launch.py"]
 SUITE_KEYS = {"name", "output_dir", "threestudio_root", "prompts", "configs", "seeds", "overrides", "gpus",

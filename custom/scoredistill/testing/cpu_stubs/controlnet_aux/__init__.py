@@ -1,4 +1,4 @@
-"""Stand-in for controlnet_aux (CPU runs of the demo only)."""
+"""Stand-in for controlnet_aux (CPU runs only: tests, benchmarks, demo)."""
 from _unavailable import make
 
 CannyDetector = make("CannyDetector", "controlnet_aux")

@@ -1,4 +1,4 @@
-"""Helpers for the import-time stand-ins (CPU runs of the demo only)."""
+"""Helpers for the import-time stand-ins (CPU runs only: tests, benchmarks, demo)."""
 
 
 class _Meta(type):
@@ -17,7 +17,7 @@ class Unavailable(metaclass=_Meta):
     def __init__(self, *args, **kwargs):
         raise RuntimeError(
             f"{type(self).__name__} comes from {self._package}, which is only a CPU stand-in on this "
-            "machine (scoredistill/demo/cpu_stubs); use a pure-torch alternative on the CPU"
+            "machine (scoredistill/testing/cpu_stubs); use a pure-torch alternative on the CPU"
         )
 
 

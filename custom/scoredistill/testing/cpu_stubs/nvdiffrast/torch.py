@@ -1,4 +1,4 @@
-"""Stand-in for nvdiffrast.torch (CPU runs of the demo only): the context classes exist for annotations."""
+"""Stand-in for nvdiffrast.torch (CPU runs only: tests, benchmarks, demo): the context classes exist for annotations."""
 from _unavailable import make
 
 RasterizeGLContext = make("RasterizeGLContext", "nvdiffrast")

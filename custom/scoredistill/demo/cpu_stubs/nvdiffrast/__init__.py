@@ -1,1 +1,0 @@
-"""Stand-in for nvdiffrast (CPU runs of the demo only)."""

@@ -1,3 +1,0 @@
-from _unavailable import module_getattr
-
-__getattr__ = module_getattr("torchvision")

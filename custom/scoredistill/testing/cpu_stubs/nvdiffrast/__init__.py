@@ -1,0 +1,1 @@
+"""Stand-in for nvdiffrast (CPU runs only: tests, benchmarks, demo)."""
