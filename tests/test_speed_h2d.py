@@ -119,3 +119,24 @@ def test_system_logs_python_numbers_as_host_tensors(threestudio_module):
     assert c.count == 0, c.sites
     assert logged["train/num_gaussians"].dtype == torch.float32 and logged["train/num_gaussians"].item() == 1234.0
     assert logged["train/ge3d_t0"].item() == 981.0
+
+
+def test_gpu_busy_is_the_union_of_kernel_intervals():
+    """The H200 run's "GPU busy" summed every profiler row's device time (ops and their kernels, and spans
+    such as ``Optimizer.step#Adam.step``): more than the wall time.  Now: the union of the kernel intervals."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from scoredistill.bench.launch_probe import _busy_seconds
+
+    def ev(a, b, dev=DeviceType.CUDA, ann=False, name="k"):
+        return SimpleNamespace(device_type=dev, is_user_annotation=ann, name=name,
+                               time_range=SimpleNamespace(start=a, end=b))
+
+    events = [ev(0, 100), ev(50, 150), ev(300, 400),  # overlapping kernels count once: 150 + 100 us
+              ev(0, 1000, ann=True, name="Optimizer.step#Adam.step"),  # an annotation: a span, not work
+              ev(0, 5000, dev=DeviceType.CPU, name="aten::conv2d")]  # host-side op
+    prof = SimpleNamespace(events=lambda: events)
+    busy, how = _busy_seconds(prof, [], None, cuda=True)
+    assert busy == pytest.approx(250e-6) and "union" in how
