@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .sync import host_only, to_device
+from .sync import to_device
 
 Timestep = Union[int, torch.Tensor]
 
@@ -50,10 +50,7 @@ def abar_at(alphas_cumprod: torch.Tensor, t: Timestep, like: torch.Tensor) -> to
         ValueError: a timestep outside ``[0, T)``.
     """
     T = alphas_cumprod.shape[0]
-    if not torch.is_tensor(t):  # python numbers: checked here, then one non-blocking copy to the device
-        vals = [float(v) for v in (t if isinstance(t, (list, tuple)) else [t])]
-        if any(not (0 <= round(v) < T) for v in vals):
-            raise ValueError(f"timestep must be in [0, {T}), got {t}")
+    if not torch.is_tensor(t):  # python numbers / numpy: a host tensor (checked on the host below, then copied)
         t = torch.as_tensor(t)
     if t.is_floating_point():
         t = t.round()
