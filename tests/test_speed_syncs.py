@@ -4,8 +4,9 @@
 GPU (``item``, ``tolist``, ``bool()``, ``int()``, ``float()``, ``cpu()``, ``nonzero``, ``unique``, boolean-mask
 indexing, ...) on any device, so these CPU tests state the count a CUDA step has: 0 for every pack guidance in a
 step after the first (LODS / VDM take their own optimizer's first step with one host decision: its state is
-created lazily).  Reads of tensors that stay on the host in a GPU run are marked with
-:func:`scoredistill.core.sync.host_only`.
+created lazily).  The counter knows host tensors by how they were made (see its docstring): a read of a
+would-be device tensor counts even inside :func:`scoredistill.core.sync.host_only`, and host-to-device copies
+count too (since the H200 run; ``tests/test_speed_h2d.py``).
 
 On main (4852393) these tests fail: device syncs in LODS (the α/ψ finite check ``bool`` and ``float(loss)``: 2
 per step), VDM (the input and update finite checks: 2), HiFA's DDIM target (``unique``/``tolist``/``nonzero``
