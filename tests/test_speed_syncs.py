@@ -4,8 +4,9 @@
 GPU (``item``, ``tolist``, ``bool()``, ``int()``, ``float()``, ``cpu()``, ``nonzero``, ``unique``, boolean-mask
 indexing, ...) on any device, so these CPU tests state the count a CUDA step has: 0 for every pack guidance in a
 step after the first (LODS / VDM take their own optimizer's first step with one host decision: its state is
-created lazily).  Reads of tensors that stay on the host in a GPU run are marked with
-:func:`scoredistill.core.sync.host_only`.
+created lazily).  The counter knows host tensors by how they were made (see its docstring): a read of a
+would-be device tensor counts even inside :func:`scoredistill.core.sync.host_only`, and host-to-device copies
+count too (since the H200 run; ``tests/test_speed_h2d.py``).
 
 On main (4852393) these tests fail: device syncs in LODS (the α/ψ finite check ``bool`` and ``float(loss)``: 2
 per step), VDM (the input and update finite checks: 2), HiFA's DDIM target (``unique``/``tolist``/``nonzero``
@@ -30,10 +31,13 @@ def test_sync_counter_counts_the_syncing_calls_only():
         torch.unique(x)
         y = (x * 2).sum() + torch.where(x > 0, x, -x).max()  # device maths: nothing
         with host_only():
-            x.tolist()  # marked host read: not counted
-    assert c.counts == {"item": 1, "__float__": 1, "__bool__": 1, "tolist": 1, "cpu": 1, "nonzero": 1,
+            x.tolist()  # x would be on the GPU: host_only's claim is checked, so this counts
+            h = torch.tensor([1.0, 2.0])  # made without a device: a host tensor
+            (h * 2).tolist(); int(h[0]); torch.randint(0, 5, (3,)).tolist()  # host reads: not counted
+    assert c.counts == {"item": 1, "__float__": 1, "__bool__": 1, "tolist": 2, "cpu": 1, "nonzero": 1,
                         "__getitem__[bool mask]": 1, "where(cond)": 1, "unique": 1}
-    assert c.count == 9 and len(c.sites) == 9 and c.sites[0].startswith("item @ test_speed_syncs.py:")
+    assert c.count == 10 and len(c.sites) == 10 and c.sites[0].startswith("item @ test_speed_syncs.py:")
+    assert c.full_sites[0].endswith("/tests/test_speed_syncs.py:" + c.sites[0].rsplit(":", 1)[1])
     with SyncCounter() as c2:  # torch's optimizers keep their step count on the host: not a device sync
         p = torch.nn.Parameter(torch.ones(3))
         opt = torch.optim.Adam([p], lr=0.1)

@@ -116,13 +116,16 @@ class CountingUNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- host syncs
 #: Tensor methods / torch functions that wait for the device when their tensor lives on a GPU: value reads
-#: into Python, device-to-host copies, and ops whose output shape depends on tensor values.
+#: into Python, device-to-host copies, ops whose output shape depends on tensor values, and the linear-algebra
+#: calls that check their result on the host (``torch.linalg.inv`` reads the LAPACK ``info``: ``inv_ex`` does not).
 SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
-                "masked_select", "unique", "unique_consecutive", "argwhere")
+                "masked_select", "unique", "unique_consecutive", "argwhere", "linalg_inv", "inverse")
+#: functions that make a tensor from host data (a copy to the device when given a device)
+_FROM_DATA = ("tensor", "as_tensor", "asarray", "scalar_tensor")
 
 
 def _is_sync_call(func, args, kwargs) -> str:
-    """The name of ``func`` if calling it on ``args`` synchronises a GPU, else ``""``."""
+    """The name of ``func`` if calling it on ``args`` synchronises a GPU when its tensor is there, else ``""``."""
     name = getattr(func, "__name__", "")
     if name == "where" and len(args) == 1 and not kwargs:  # torch.where(cond): nonzero
         return "where(cond)"
@@ -135,6 +138,24 @@ def _is_sync_call(func, args, kwargs) -> str:
     if name == "repeat_interleave" and "output_size" not in kwargs and len(args) > 1 and isinstance(args[1], torch.Tensor):
         return "repeat_interleave"
     return ""
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def _names_device(d) -> bool:
+    """Whether a ``device`` argument means the compute device (anything but the literal ``"cpu"``: a
+    ``torch.device`` is taken from a tensor, e.g. ``x.device``, which is the GPU in a GPU run)."""
+    if d is None:
+        return False
+    if isinstance(d, str):
+        return d != "cpu"
+    return isinstance(d, (torch.device, int))
 
 
 def _called_from_torch_optim() -> bool:
@@ -155,47 +176,142 @@ def _called_from_torch_optim() -> bool:
 class SyncCounter(torch.overrides.TorchFunctionMode):
     """Counts the calls that would synchronise the host with a GPU, while active (a ``TorchFunctionMode``).
 
-    Counted: value reads into Python (``item``, ``tolist``, ``bool()``/``int()``/``float()``/``__index__``),
-    copies to the host (``cpu()``, ``numpy()``; not ``to(device)``, which
-    cannot be told from a host copy on a CPU run -- the pack's step code uses ``.cpu()``) and value-dependent shapes (``nonzero``,
-    ``masked_select``, ``unique``, one-argument ``where``, boolean-mask indexing, ``repeat_interleave``
-    without ``output_size``) -- the calls ``torch.cuda.set_sync_debug_mode("warn")`` reports on CUDA, counted on
-    any device, so that a CPU test states the count a GPU step would have.  Calls on tensors that stay on the
-    host in a GPU run (e.g. a Python-built schedule) are counted too unless the tensor is listed in ``ignore``
-    or the call runs inside :func:`scoredistill.core.sync.host_only` (reads of host tensors the code marks as
-    such) or inside ``torch.optim.Optimizer.step`` (torch's optimizers keep their step count on the host unless
-    ``capturable``; their device maths does not read values).
+    Counted, on tensors that would live on the GPU: value reads into Python (``item``, ``tolist``,
+    ``bool()``/``int()``/``float()``/``__index__``), copies to the host (``cpu()``, ``numpy()``), value-dependent
+    shapes (``nonzero``, ``masked_select``, ``unique``, one-argument ``where``, boolean-mask indexing,
+    ``repeat_interleave`` without ``output_size``) and ``linalg.inv`` (its error check reads the result) -- the
+    calls ``torch.cuda.set_sync_debug_mode("warn")`` reports on CUDA.  Counted too, as ``"h2d"``: copies of host
+    data to the device (``torch.tensor(data, device=...)``, ``host.to(device)`` / ``.cuda()`` / ``dev.copy_(host)``
+    without ``non_blocking=True``, indexing a device tensor with a host index tensor): a synchronous
+    ``cudaMemcpy`` from pageable memory on CUDA.
 
-    ``counts`` maps each call name to its count; ``count`` is the total; ``where`` keeps the first ``keep``
-    call sites (``file:line`` of the caller) for messages.
+    Which tensors are host tensors (see :mod:`scoredistill.core.sync`): the ones made while the counter is
+    active without a ``device`` argument (or with ``device="cpu"``), the results of ops on host tensors only,
+    their ``.cpu()`` copies, and the ones registered with :func:`scoredistill.core.sync.host_tensor`.  Every
+    other tensor -- made before the counter started (parameters, inputs) or with a ``device`` -- would be on the
+    GPU, so a read of it counts, also inside :func:`scoredistill.core.sync.host_only` (the block's claim is
+    checked, not trusted).  Code inside :func:`scoredistill.core.sync.cpu_path` (taken only on CPU tensors, e.g.
+    the CPU rasterizer) is not looked at.  Reads inside ``torch.optim.Optimizer.step`` are not counted (torch's optimizers keep
+    their step count on the host unless ``capturable``; their device maths does not read values).
+
+    ``counts`` maps each call name to its count; ``count`` is the total; ``sites`` keeps the first ``keep``
+    call sites (``name @ file:line`` of the caller, the file's full path in ``full_sites``) for messages.
     """
 
     def __init__(self, keep: int = 50):
         super().__init__()
         self.counts: dict = {}
         self.sites: list = []
+        self.full_sites: list = []
         self._keep = keep
         self._paused = 0
+        self._host: dict = {}
 
     @property
     def count(self) -> int:
         return sum(self.counts.values())
 
+    # -- host tensors
+    def is_host(self, t) -> bool:
+        """Whether ``t`` would stay on the host in a GPU run (see the class docstring)."""
+        from ..core.sync import is_registered_host_tensor
+
+        if not isinstance(t, torch.Tensor):
+            return False
+        r = self._host.get(id(t))
+        return (r is not None and r() is t) or is_registered_host_tensor(t)
+
+    def _mark(self, out) -> None:
+        import weakref
+
+        for t in _tensors(out):
+            key = id(t)
+            try:
+                self._host[key] = weakref.ref(t, lambda _r, k=key, h=self._host: h.pop(k, None))
+            except TypeError:
+                pass
+
+    def _h2d(self, name, args, kwargs) -> bool:
+        """Whether the call copies host data to the device (see the class docstring)."""
+        if kwargs.get("non_blocking") is True:
+            return False
+        if name in _FROM_DATA:
+            data = args[0] if args else kwargs.get("data")
+            src_host = not isinstance(data, torch.Tensor) or self.is_host(data)
+            return src_host and _names_device(kwargs.get("device"))
+        if name in ("to", "cuda", "copy_") and args and isinstance(args[0], torch.Tensor):
+            if name == "copy_":
+                return len(args) > 1 and self.is_host(args[1]) and not self.is_host(args[0]) \
+                    and not (len(args) > 2 and args[2] is True)
+            if not self.is_host(args[0]):
+                return False
+            if name == "cuda":
+                return True
+            if len(args) > 2 and args[2] is True:  # to(device, dtype, non_blocking)
+                return False
+            targets = list(args[1:2]) + [kwargs.get("device")]
+            for d in targets:
+                if isinstance(d, torch.Tensor):
+                    return not self.is_host(d)
+                if _names_device(d):
+                    return True
+            return False
+        if name == "__getitem__" and len(args) > 1 and not self.is_host(args[0]):
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return any(isinstance(i, torch.Tensor) and i.dtype != torch.bool and self.is_host(i) for i in idx)
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        from ..core.sync import in_host_only
+        name = getattr(func, "__name__", "")
+        call = ""
+        from ..core.sync import in_cpu_path
 
-        if not self._paused and not in_host_only():
-            name = _is_sync_call(func, args, kwargs)
-            if name and _called_from_torch_optim():
-                name = ""
-            if name:
-                self.counts[name] = self.counts.get(name, 0) + 1
+        if in_cpu_path():  # a path a GPU run never takes
+            return func(*args, **kwargs)
+        if not self._paused:
+            call = _is_sync_call(func, args, kwargs)
+            if call and args and self.is_host(args[0]):
+                call = ""  # a read of a host tensor: no device sync
+            if not call and self._h2d(name, args, kwargs):
+                call = "h2d"
+            if call and _called_from_torch_optim():
+                call = ""
+            if call:
+                self.counts[call] = self.counts.get(call, 0) + 1
                 if len(self.sites) < self._keep:
                     import traceback
 
                     frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename
                               and "counting.py" not in f.filename]
-                    site = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
-                    self.sites.append(f"{name} @ {site}")
-        return func(*args, **kwargs)
+                    full = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+                    self.sites.append(f"{call} @ {full.rsplit('/', 1)[-1]}")
+                    self.full_sites.append(f"{call} @ {full}")
+        out = func(*args, **kwargs)
+        if not self._paused:
+            ins = _tensors(list(args) + list(kwargs.values()))
+            if call == "h2d" or name == "cuda" or (name == "to" and self._h2d_target(args, kwargs)):
+                # now on the device; a CPU run's .to() returns the host tensor itself: a fresh alias stands for
+                # the device copy, so the host tensor stays a host tensor
+                if args and out is args[0] and self.is_host(out):
+                    out = out.view_as(out)
+            elif name in ("cpu", "numpy"):
+                if not (args and out is args[0]):  # (a CPU run's .cpu() returns the tensor itself: unchanged)
+                    self._mark(out)
+            elif not ins:
+                if not _names_device(kwargs.get("device")):
+                    self._mark(out)  # made on the host
+            elif name == "to":
+                if self.is_host(args[0]):
+                    self._mark(out)
+            elif all(self.is_host(t) for t in ins):
+                self._mark(out)
+        return out
+
+    def _h2d_target(self, args, kwargs) -> bool:
+        for d in list(args[1:2]) + [kwargs.get("device")]:
+            if isinstance(d, torch.Tensor):
+                return not self.is_host(d)
+            if _names_device(d):
+                return True
+        return False

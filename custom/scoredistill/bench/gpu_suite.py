@@ -518,7 +518,7 @@ def format_report(result: Dict) -> str:
     if "rows" in sp:
         out += [f"Speed per config (issue 26; {sp['model']}; {sp['steps_per_config']} steps each, s/it over the plain "
                 "steps after 3 warm-up):", "",
-                "| config | s/it | peak alloc GiB | peak reserved GiB | syncs in one step | GPU busy / wall (host gap) |",
+                "| config | s/it | peak alloc GiB | peak reserved GiB | syncs in one step | GPU busy (kernel-interval union) / wall (host gap) |",
                 "|---|---|---|---|---|---|"]
         for r in sp["rows"]:
             if "s_per_it" not in r:

@@ -124,6 +124,42 @@ class _EventParts:
         return {k: sum(self._elapsed(a, b) for a, b in v) for k, v in self.pairs.items()}
 
 
+def _busy_seconds(prof, key_averages, dev, cuda: bool):
+    """Seconds the device was busy in the profiled step, and how that was measured.
+
+    CUDA: the union of the kernel (and memcpy/memset) intervals on the device timeline, so kernels that overlap
+    (several streams) count once, and neither the ops' device time (the sum of their kernels) nor user
+    annotations such as ``Optimizer.step#Adam.step`` (a span, not work) are added on top.  The H200 run
+    (2026-12-04) summed ``self_device_time_total`` over every profiler row instead, which counted each kernel
+    twice (once as itself, once under its op) plus the annotations: "busy" > wall.  CPU run: the ops' own CPU
+    time (``self_cpu_time_total``, no double counting) stands in.
+    """
+    if not cuda:
+        return sum(dev(e) for e in key_averages) / 1e6, "CPU run: sum of the ops' self CPU time"
+    from torch.autograd import DeviceType
+
+    spans = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        if str(getattr(e, "name", "")).startswith("ProfilerStep"):
+            continue
+        tr = e.time_range
+        spans.append((tr.start, tr.end))
+    spans.sort()
+    total, cur_s, cur_e = 0.0, None, None
+    for a, b in spans:
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1e6, "union of the device kernel intervals (overlaps once, no annotations)"
+
+
 def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
     import pytorch_lightning as pl
     import torch
@@ -219,7 +255,7 @@ def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
             if self._mode == "syncs" and not self._cuda():
                 self._counter.__exit__(None, None, None)
                 sites = {}
-                for site in self._counter.sites:
+                for site in self._counter.full_sites:  # full paths (basenames were ambiguous: module.py)
                     sites[site] = sites.get(site, 0) + 1
                 self.extra["syncs"] = {"step": len(self.times), "count": self._counter.count, "sites": sites,
                                        "how": "CPU run: scoredistill.bench.counting.SyncCounter (calls that would sync a GPU)"}
@@ -229,7 +265,7 @@ def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
                 msgs = [w for w in self._warnings if "synchroniz" in str(w.message)]
                 sites = {}
                 for w in msgs:
-                    key = f"{os.path.basename(w.filename)}:{w.lineno}"
+                    key = f"{w.filename}:{w.lineno}"  # full path (a basename such as module.py is ambiguous)
                     sites[key] = sites.get(key, 0) + 1
                 self.extra["syncs"] = {"step": len(self.times), "count": len(msgs),
                                        "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])),
@@ -256,10 +292,11 @@ def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
                     dev = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
                 else:  # CPU run: the ops' own CPU time stands in for the device time
                     dev = lambda e: e.self_cpu_time_total
-                busy = sum(dev(e) for e in ka) / 1e6
+                busy, how = _busy_seconds(self._prof, ka, dev, self._cuda())
                 top = sorted(ka, key=dev, reverse=True)[:15]
                 self.extra["kernels"] = {"step": len(self.times) - 1, "wall_seconds": self.times[-1],
                                          "gpu_busy_seconds": busy, "host_gap_seconds": self.times[-1] - busy,
+                                         "busy_how": how,
                                          "top_ops": [{"name": e.key[:80], "gpu_seconds": dev(e) / 1e6, "calls": e.count}
                                                      for e in top]}
                 self._prof = None

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .sync import host_only
+from .sync import to_device
 
 Timestep = Union[int, torch.Tensor]
 
@@ -50,19 +50,21 @@ def abar_at(alphas_cumprod: torch.Tensor, t: Timestep, like: torch.Tensor) -> to
         ValueError: a timestep outside ``[0, T)``.
     """
     T = alphas_cumprod.shape[0]
-    if not torch.is_tensor(t):
-        t = torch.as_tensor(t)  # python numbers: checked on the host, then one copy to the device
+    if not torch.is_tensor(t):  # python numbers / numpy: a host tensor (checked on the host below, then copied)
+        t = torch.as_tensor(t)
     if t.is_floating_point():
         t = t.round()
     t = t.long()
     if t.numel():
-        if t.device.type == "cpu":  # a host tensor: reading it is no device sync
-            with host_only():
-                if int(t.min()) < 0 or int(t.max()) >= T:
-                    raise ValueError(f"timestep must be in [0, {T}), got {t.tolist()}")
-        else:  # a device-side check: no host-device sync in the hot path (fails at the next sync)
+        # the same call on every device: CUDA checks on the device (no host sync; fails at the next sync),
+        # the CPU checks now (a host read, no device involved)
+        try:
             torch._assert_async(((t >= 0) & (t < T)).all(), f"timestep must be in [0, {T})")
-    a = alphas_cumprod[t.reshape(-1).to(alphas_cumprod.device)].to(device=like.device, dtype=like.dtype)
+        except RuntimeError:
+            raise ValueError(f"timestep must be in [0, {T}), got {t.tolist()}") from None
+    # a host timestep (python numbers, a host schedule) goes to the device from pinned memory, non-blocking
+    # (a plain .to(cuda) of pageable memory is a synchronous copy: 2 per UNet call of GE3D on the H200)
+    a = alphas_cumprod[to_device(t.reshape(-1), alphas_cumprod.device)].to(device=like.device, dtype=like.dtype)
     return a.reshape(-1, *([1] * (like.dim() - 1)))
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .sync import host_only
+from .sync import host_only, to_device
 
 # ----------------------------------------------------------------------------------------------
 # SDS+ (Eq. 2-4)
@@ -157,7 +157,7 @@ def ddim_denoise(
     t_host = t.long() if t.device.type == "cpu" else t.long().cpu()
     for t0 in _host_values(t_host):
         with host_only():
-            idx = (t_host == t0).nonzero(as_tuple=True)[0].to(z_t.device)
+            idx = to_device((t_host == t0).nonzero(as_tuple=True)[0], z_t.device)
         z = z_t[idx]
         for tau in ddim_schedule(t0, stride):
             tb = torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device)

@@ -1,17 +1,32 @@
-"""Marking host-side tensor reads that are not GPU synchronisations.
+"""Host tensors, host reads and host-to-device copies in the training step (issue 26).
 
-A training step should not wait for the GPU (issue 26): no ``.item()`` / ``bool(tensor)`` / ``.tolist()`` /
-``.cpu()`` / value-dependent shapes on device tensors.  Some reads in the step are of tensors that live on the
-host in every run (a schedule built in Python, a CPU ``torch.Generator``'s draws, the argument check of a
-CPU-only branch).  :func:`host_only` marks such a block, so that
-:class:`scoredistill.bench.counting.SyncCounter`, which on a CPU test run cannot tell host tensors from
-would-be device tensors, does not count them.  It changes nothing else.
+A training step should not wait for the GPU: no ``.item()`` / ``bool(tensor)`` / ``.tolist()`` / ``.cpu()`` /
+value-dependent shapes on device tensors, and no copy of pageable host memory to the device (a synchronous
+``cudaMemcpy``: ``tensor.to("cuda")`` of a CPU tensor, ``torch.tensor(3.0, device="cuda")``).
+
+:class:`scoredistill.bench.counting.SyncCounter` states on a CPU test run the count a GPU step has.  It tells
+host tensors from would-be device tensors by how they were made: a tensor created without a ``device``
+argument (a Python-built schedule, a CPU generator's draw), anything computed from host tensors only, and
+the tensors registered with :func:`host_tensor` (module constants, schedules built at configure time) stay
+on the host in a GPU run; every other tensor would be on the GPU.
+
+* :func:`host_only` marks a block whose reads are of host tensors.  The counter checks the claim: a read
+  inside it of a would-be device tensor is still counted.
+* :func:`cpu_path` marks a block that runs only when the step's tensors are on the CPU (a GPU run takes
+  another path, e.g. gsplat's kernels instead of the CPU rasterizer): the counter does not look inside.
+* :func:`to_device` copies a host tensor to a CUDA device from pinned memory without blocking (no sync);
+  on the CPU it is the identity.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
+
+import torch
 
 _depth = 0
+#: id -> weak reference of the tensors registered with :func:`host_tensor`
+_host: dict = {}
 
 
 @contextlib.contextmanager
@@ -25,6 +40,53 @@ def host_only():
         _depth -= 1
 
 
+_cpu_depth = 0
+
+
+@contextlib.contextmanager
+def cpu_path():
+    """The block runs only on CPU tensors (a GPU run never executes it); see the module docstring."""
+    global _cpu_depth
+    _cpu_depth += 1
+    try:
+        yield
+    finally:
+        _cpu_depth -= 1
+
+
+def in_cpu_path() -> bool:
+    """Whether a :func:`cpu_path` block is active."""
+    return _cpu_depth > 0
+
+
 def in_host_only() -> bool:
     """Whether a :func:`host_only` block is active."""
     return _depth > 0
+
+
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Register ``t`` as a tensor that lives on the host in every run (returns ``t``); changes nothing else."""
+    key = id(t)
+    _host[key] = weakref.ref(t, lambda _r, k=key: _host.pop(k, None))
+    return t
+
+
+def is_registered_host_tensor(t) -> bool:
+    """Whether ``t`` was registered with :func:`host_tensor` (and is still alive)."""
+    r = _host.get(id(t))
+    return r is not None and r() is t
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device`` without a host-device synchronisation.
+
+    Same device: ``t`` itself.  A CPU tensor to a CUDA device: copied into pinned (page-locked) memory and
+    from there asynchronously (``non_blocking=True``; the caching host allocator keeps the pinned buffer alive
+    until the copy has run), so the host does not wait.  Anything else: ``t.to(device)``.
+    """
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    if device.type == "cpu" and t.device.type != "cpu":
+        return t.to(device)  # to the host: must wait for the data
+    return t.to(device, non_blocking=True)  # same device: ``t`` itself

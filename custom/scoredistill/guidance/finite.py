@@ -294,6 +294,9 @@ class FiniteStepGuard:
 def _safe_log(module, name: str, value) -> None:
     if module is None or getattr(module, "_trainer", None) is None:
         return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # a host tensor: Lightning would make torch.tensor(value, device=cuda), a synchronous copy per call
+        value = torch.tensor(value, dtype=torch.get_default_dtype())
     try:
         module.log(name, value)
     except Exception:  # logging is best effort (e.g. a hook where Lightning forbids self.log)

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..core.sync import host_only
+from ..core.sync import host_only, to_device
 
 from ..core.diffusion import add_noise, ddim_step, linear_anneal
 
@@ -266,7 +266,7 @@ def ge3d_grad(
             noise = noise + offset_noise * torch.randn((B, C) + (1,) * (x0.dim() - 2), generator=generator, dtype=x0.dtype, device=gdev).to(x0.device)
         x0 = add_noise(x0, noise, alphas_cumprod, ts[0])
     xs, xt = ge3d_trajectories(eps_uncond, eps_guided, x0, ts, alphas_cumprod)
-    w = weights.to(device=x0.device, dtype=x0.dtype)
+    w = to_device(weights, x0.device).to(dtype=x0.dtype)  # a host tensor: pinned, non-blocking copy
     diffs = [xs[i] - xt[i] for i in range(n)]
     grad = sum(w[i] * diffs[i] for i in range(n))
     info = {

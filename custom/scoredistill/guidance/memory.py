@@ -18,12 +18,20 @@ setting                             exact effect
 ``token_merging``                   no    tomesd token merging (``token_merging_params`` → ``tomesd.apply_patch``)
 ``compile_unet`` (pack only)        yes*  ``torch.compile`` of the UNet (``compile_unet_params`` →
                                             ``nn.Module.compile``); *up to kernel-fusion rounding
-``unet_activation_checkpointing``   yes   (pack only, default on) UNet blocks recompute their activations in
-                                            the backward instead of keeping them, where a gradient flows
+``unet_activation_checkpointing``   yes   (pack only, default ``auto``) UNet blocks recompute their activations
+                                            in the backward instead of keeping them, where a gradient flows
                                             through the UNet (LODS' Eq. 8/10 loss); no effect on no-grad calls
-``vae_activation_checkpointing``    yes   (pack only, default on) the same for the VAE encoder's blocks in
+``vae_activation_checkpointing``    yes   (pack only, default ``auto``) the same for the VAE encoder's blocks in
                                             the render → latents backward (one more encoder forward per step)
 =================================== ===== ===============================================================
+
+Activation checkpointing, ``auto``: on for a CUDA device with less than
+:data:`AUTO_CHECKPOINTING_BELOW_GIB` (24) GiB of memory, off on larger GPUs and on the CPU
+(:func:`resolve_activation_checkpointing`).  Measured on an H200 (2026-12-04, SD 2.1-base architecture, fp16,
+the configs' own settings; ``docs/speed.md``): with both on, peak allocated memory fell from 19.6 to 11.1 GiB
+(lods-embedding-gs) and 15.0 to 10.9 GiB (uds-edit-gs), so every Gaussian config fits a 16 GB card, but
+steps were 14-36% slower (the recomputed forwards: lods-embedding-gs 0.279 -> 0.379 s/it, vdm-gs 0.154 ->
+0.193, uds-gs 0.140 -> 0.159, uds-edit-gs 0.205 -> 0.250).  A card that has the memory does not pay that.
 
 Channels-last and CUDA: cuDNN's convolutions use TF32 when ``torch.backends.cudnn.allow_tf32`` is true
 (PyTorch's default), and channels-last picks other kernels, so in float32 on CUDA the UNet output moves by
@@ -69,12 +77,40 @@ def _device_type(device: Any) -> str:
     return torch.device(device).type if device is not None else "cpu"
 
 
+#: ``auto`` activation checkpointing is on for CUDA devices with less memory than this (GiB)
+AUTO_CHECKPOINTING_BELOW_GIB = 24.0
+ACTIVATION_CHECKPOINTING_VALUES = (True, False, "auto")
+
+
+def device_total_gib(device: Any) -> Optional[float]:
+    """Total memory of a CUDA ``device`` in GiB (``torch.cuda.get_device_properties``); ``None`` off CUDA."""
+    if _device_type(device) != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+
+
+def resolve_activation_checkpointing(value: Any, device: Any, name: str = "system.guidance.unet_activation_checkpointing") -> bool:
+    """``true`` / ``false`` as given; ``"auto"``: on exactly when ``device`` is a CUDA device with less than
+    :data:`AUTO_CHECKPOINTING_BELOW_GIB` GiB (a 16 GB card needs it for lods-embedding-gs / uds-edit-gs; an
+    H200 does not, and would pay 14-36% per step).  Raises ``ValueError`` naming ``name`` for anything else."""
+    if isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ValueError(f"{name} must be true, false or 'auto', got {value!r}")
+    total = device_total_gib(device)
+    return total is not None and total < AUTO_CHECKPOINTING_BELOW_GIB
+
+
 def validate_memory_options(cfg: Any, device: Any, prefix: str = "system.guidance") -> None:
     """Check the memory options of a guidance ``cfg`` for ``device``; raise ``ValueError`` naming the setting.
 
     Runs before anything loads (called from ``ScoreDistillationGuidance.validate_config``).
     """
     dev = _device_type(device)
+    for key in ("unet_activation_checkpointing", "vae_activation_checkpointing"):
+        value = getattr(cfg, key, False)
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"{prefix}.{key} must be true, false or 'auto', got {value!r}")
     backend = getattr(cfg, "memory_efficient_attention_backend", "auto")
     if backend not in MEMORY_EFFICIENT_ATTENTION_BACKENDS:
         raise ValueError(
@@ -218,12 +254,15 @@ def apply_memory_options(cfg: Any, unet, vae, device: Any, log=None) -> None:
     else:
         unet.to(device)
         vae.to(device)
-    if getattr(cfg, "unet_activation_checkpointing", False):
+    if resolve_activation_checkpointing(getattr(cfg, "unet_activation_checkpointing", False), device):
         n = enable_activation_checkpointing(unet_blocks(unet))
-        log(f"UNet activation checkpointing ({n} blocks, where a gradient flows through the UNet)")
-    if getattr(cfg, "vae_activation_checkpointing", False):
+        log(f"UNet activation checkpointing ({n} blocks, where a gradient flows through the UNet; "
+            f"setting {getattr(cfg, 'unet_activation_checkpointing', False)!r})")
+    if resolve_activation_checkpointing(getattr(cfg, "vae_activation_checkpointing", False), device,
+                                        "system.guidance.vae_activation_checkpointing"):
         n = enable_activation_checkpointing(vae_encoder_blocks(vae))
-        log(f"VAE encoder activation checkpointing ({n} blocks)")
+        log(f"VAE encoder activation checkpointing ({n} blocks; setting "
+            f"{getattr(cfg, 'vae_activation_checkpointing', False)!r})")
     if getattr(cfg, "compile_unet", False):
         unet.compile(**_to_dict(cfg.compile_unet_params))
         log(f"torch.compile(UNet, {_to_dict(cfg.compile_unet_params)})")

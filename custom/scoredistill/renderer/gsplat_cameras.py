@@ -17,10 +17,6 @@ from typing import Tuple, Union
 import torch
 from torch import Tensor
 
-from ..core.sync import host_only
-
-_GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
-
 
 def focal_from_fovy(fovy: Tensor, height: int) -> Tensor:
     """Focal length in pixels, ``0.5 * height / tan(fovy / 2)`` (threestudio's ``focal_length``)."""
@@ -56,14 +52,18 @@ def threestudio_to_gsplat_cameras(
     if fovy.shape[0] != b:
         raise ValueError(f"fovy has {fovy.shape[0]} entries for {b} cameras")
     fovy_ok = ((fovy > 0) & (fovy < torch.pi)).all()
-    if fovy.device.type == "cpu":  # host tensor: checked now (no device sync)
-        with host_only():
-            if not bool(fovy_ok):
-                raise ValueError(f"fovy must be in (0, pi) radians, got {fovy.tolist()}")
-    else:  # a device-side check: no host-device sync per step (fails at the next sync)
+    # the same call on every device: CUDA checks on the device (no host sync per step; fails at the next
+    # sync), the CPU checks now (a host read, no device involved)
+    try:
         torch._assert_async(fovy_ok, "fovy must be in (0, pi) radians")
-    c2w_cv = c2w @ _GL_TO_CV.to(c2w)
-    viewmats = torch.linalg.inv(c2w_cv)
+    except RuntimeError:
+        raise ValueError(f"fovy must be in (0, pi) radians, got {fovy.tolist()}") from None
+    # OpenGL -> OpenCV camera axes: y and z columns negated (exact; a matmul with diag(1,-1,-1,1) copied from
+    # the host was a synchronous copy per step on CUDA, and rounds under TF32)
+    c2w_cv = torch.cat([c2w[..., :, :1], -c2w[..., :, 1:3], c2w[..., :, 3:]], dim=-1)
+    # inv_ex: linalg.inv's error check reads the LAPACK info on the host (a sync per step on CUDA); a camera
+    # pose is invertible by construction (rotation + translation)
+    viewmats = torch.linalg.inv_ex(c2w_cv)[0]
     f = focal_from_fovy(fovy, height)
     Ks = torch.zeros(b, 3, 3, dtype=c2w.dtype, device=c2w.device)
     Ks[:, 0, 0] = f

@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.sync import host_only
+from ..core.sync import cpu_path
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 TRANSMITTANCE_MIN = 1e-4
@@ -312,5 +312,5 @@ def rasterize(
         return colors_out, alphas, meta
     if means.device.type != "cpu":
         return rasterize_cpu(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
-    with host_only():  # the CPU fallback's tile lists read host tensors: no device sync (the GPU path is gsplat's)
+    with cpu_path():  # the CPU fallback runs on CPU tensors only: a GPU run takes gsplat's kernels above
         return rasterize_cpu(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **kwargs)
