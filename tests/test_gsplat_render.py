@@ -335,6 +335,8 @@ def test_pruning_and_opacity_reset():
     no_reset = GaussianDensifier({"opacity_reset": False, "reset_every": 10, "refine_start_iter": 10**6})
     p2, o2 = _params_and_optimizer()
     before = p2["opacities"].detach().clone()
+    info = dict(info, means2d=torch.zeros(1, 6, 2, requires_grad=True), radii=torch.full((1, 6, 2), 3, dtype=torch.int32))
+    (info["means2d"] * 0).sum().backward()
     no_reset.post_backward(p2, group_views(o2, {k: f"geometry.{k}" for k in G.PARAM_KEYS}), 10, info)
     assert torch.equal(p2["opacities"].detach(), before)
 

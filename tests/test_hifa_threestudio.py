@@ -164,7 +164,7 @@ def test_hifa_guidance_tweedie_sds_plus_equals_eq4(threestudio_module, tiny_sd, 
     g = _guidance(ts, tiny_sd, denoised_target="tweedie")
     B = 2
     t = torch.tensor([300, 700])
-    g.sample_timesteps = lambda n, generator=None: t
+    g.sample_timesteps = lambda n, generator=None, device=None: t
     elev, azim, dist = torch.zeros(B), torch.zeros(B), torch.full((B,), 2.0)
     latents = torch.randn(B, 4, 16, 16).requires_grad_(True)
     image = torch.rand(B, 3, 32, 32).requires_grad_(True)
@@ -207,7 +207,7 @@ def test_hifa_guidance_ddim_target_and_unet_count(threestudio_module, tiny_sd, p
     ts = threestudio_module
     g = _guidance(ts, tiny_sd, denoised_target="ddim", ddim_eta=0.0, use_img_loss=False)
     t = torch.tensor([620])
-    g.sample_timesteps = lambda n, generator=None: t
+    g.sample_timesteps = lambda n, generator=None, device=None: t
     latents = torch.randn(1, 4, 16, 16)
     torch.manual_seed(3)
     calls0 = g.unet_calls

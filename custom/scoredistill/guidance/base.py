@@ -275,9 +275,12 @@ class ScoreDistillationGuidance(BaseObject):
         """``min_step, max_step = int(T·min%), int(T·max%)`` (threestudio convention), clipped to ``[0, T-1]``."""
         self.min_step, self.max_step = step_range(min_step_percent, max_step_percent, self.num_train_timesteps)
 
-    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``(batch_size,)`` long timesteps uniform on ``[min_step, max_step]``."""
-        return sample_timesteps(batch_size, self.min_step, self.max_step, device=self.device, generator=generator)
+    def sample_timesteps(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+        """``(batch_size,)`` long timesteps uniform on ``[min_step, max_step]``, on ``device`` (default: the
+        guidance's device; ``"cpu"`` for a schedule the host must read without waiting on the GPU)."""
+        return sample_timesteps(
+            batch_size, self.min_step, self.max_step, device=self.device if device is None else device, generator=generator
+        )
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False) -> None:
         self.epoch, self.global_step = epoch, global_step

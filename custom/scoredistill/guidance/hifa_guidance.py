@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import register
-from ..core.diffusion import add_noise, sample_timesteps
+from ..core.diffusion import add_noise
 from ..core.sync import to_device
 from ..core.hifa import DENOISED_TARGETS, OMEGA_WEIGHTINGS, ddim_denoise, ddim_stride, omega_weight, tweedie_denoise
 from .base import ScoreDistillationGuidance
@@ -95,7 +95,7 @@ class HiFAGuidance(ScoreDistillationGuidance):
         if self.cfg.denoised_target == "tweedie":
             t = self.sample_timesteps(B)
         else:  # the DDIM target's step count depends on t: drawn on the host, so no device read groups it
-            t_host = sample_timesteps(B, self.min_step, self.max_step, device="cpu")
+            t_host = self.sample_timesteps(B, device="cpu")
             t = to_device(t_host, self.device)  # pinned, non-blocking: no host wait
         emb = self.text_embeddings_for(prompt_utils, elevation, azimuth, camera_distances)
         with torch.no_grad():
