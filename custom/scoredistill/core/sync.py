@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+import numbers
+
 import torch
 
 _depth = 0
@@ -90,3 +92,14 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cpu" and t.device.type != "cpu":
         return t.to(device)  # to the host: must wait for the data
     return t.to(device, non_blocking=True)  # same device: ``t`` itself
+
+
+def log_host(module, name: str, value, **kwargs) -> None:
+    """``module.log(name, value, **kwargs)`` (a LightningModule) with a Python number passed as a host tensor.
+
+    Lightning's ``self.log(name, 3.0)`` makes ``torch.tensor(3.0, device=self.device)``: a synchronous
+    host-to-device copy per value per step on CUDA (7-21 per step in the H200 run, ``docs/speed.md``).  The logged
+    value is the same (Lightning's default float dtype); tensors are passed through unchanged."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        value = torch.tensor(value, dtype=torch.get_default_dtype())
+    module.log(name, value, **kwargs)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -38,6 +37,7 @@ from threestudio.systems.utils import get_parameters, parse_scheduler
 
 from scoredistill import distributed
 from scoredistill._registry import register
+from scoredistill.core.sync import log_host
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
@@ -204,12 +204,7 @@ class GsplatSystem(BaseLift3DSystem):
         return float(self.C(self.cfg.loss[name]))
 
     def _log_host(self, name, value, **kwargs):
-        """``self.log`` with Python numbers as host tensors (Lightning's ``self.log(name, 3.0)`` makes
-        ``torch.tensor(3.0, device=self.device)``: a synchronous host-to-device copy per value per step on CUDA,
-        7-21 per step in the H200 run).  The logged value is the same (Lightning's default float dtype)."""
-        if isinstance(value, numbers.Number) and not isinstance(value, bool):
-            value = torch.tensor(value, dtype=torch.get_default_dtype())
-        self.log(name, value, **kwargs)
+        log_host(self, name, value, **kwargs)  # no host-to-device copy per logged number (core.sync.log_host)
 
     def training_step(self, batch, batch_idx):
         step = self.true_global_step

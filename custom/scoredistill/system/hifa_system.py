@@ -34,7 +34,6 @@ Total loss (Eq. 9 plus the disparity term of A.1)::
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -48,6 +47,7 @@ from threestudio.utils.misc import config_to_primitive
 from threestudio.utils.ops import binary_cross_entropy, dot
 
 from .._registry import register
+from ..core.sync import log_host
 from ..validation import defer_config_snapshot, validate_system_settings
 from ..guidance.checkpointing import attach_resume_check
 from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
@@ -300,12 +300,7 @@ class HiFASystem(DreamFusion):
         )
 
     def _log_host(self, name, value, **kwargs):
-        """``self.log`` with Python numbers as host tensors (Lightning's ``self.log(name, 3.0)`` makes
-        ``torch.tensor(3.0, device=self.device)``: a synchronous host-to-device copy per value per step on CUDA,
-        7-21 per step in the H200 run).  The logged value is the same (Lightning's default float dtype)."""
-        if isinstance(value, numbers.Number) and not isinstance(value, bool):
-            value = torch.tensor(value, dtype=torch.get_default_dtype())
-        self.log(name, value, **kwargs)
+        log_host(self, name, value, **kwargs)  # no host-to-device copy per logged number (core.sync.log_host)
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
