@@ -73,7 +73,7 @@ def test_a_wheel_install_runs_help_mesh_and_the_quick_benchmark_without_tests(tm
     assert "mesh" in call([exe, "--help"])
     call([exe, "mesh", os.path.join(REPO, "load", "gt_scenes", "cube.ply"), str(run / "mesh"), "--resolution", "16",
           "--texture-size", "16", "--decimate-target", "200", "--formats", "obj"])  # small: the command, not quality
-    assert sorted(os.listdir(run / "mesh")) == ["model.mtl", "model.obj", "model.png"]
+    assert sorted(os.listdir(run / "mesh")) == ["model.json", "model.mtl", "model.obj", "model.png"]  # model.json: the mesh checks (watertight, components, offset)
     root = _own_threestudio_tree(threestudio_root(), str(tmp_path / "threestudio"))
     out = run / "gt3d"
     call([py, "-m", "scoredistill.bench.gt3d_bench", "--quick", "--rows", "gs-sds (CFG 7.5)", "--steps", "3",
