@@ -162,31 +162,40 @@ def test_lods_nerf_configs_keep_their_multi_resolution_schedule():
         assert "data.width=[32,32]" in o and "data.batch_size=[1,1]" in o
 
 
-def test_figures_are_drawn_with_a_stand_in_ipython_that_lacks_its_attributes(tmp_path, monkeypatch):
+def test_figures_are_drawn_with_a_stand_in_ipython_that_lacks_its_attributes(tmp_path):
     """The GPU machine's IPython stand-in (no ``get_ipython``, no ``version_info``) broke pyplot, so neither the grid
-    nor the curves were written; the figures no longer go through pyplot."""
-    import types
+    nor the curves were written; the figures no longer go through pyplot.  Run in a fresh interpreter: removing
+    matplotlib from this process's ``sys.modules`` left a second copy of it behind that broke later figures."""
+    import subprocess
+    import textwrap
 
-    import torch
-
-    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
-        monkeypatch.delitem(sys.modules, mod)
-    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
-    results = [{"config": "a", "curve": [(0, 10.0), (5, 12.5)], "unet_samples": 20, "steps_done": 5},
-               {"config": "b", "curve": [(0, 9.0), (5, 11.0)]}]
-    g.write_curves(str(tmp_path / "curves.png"), results)
-    trial = tmp_path / "trial" / "save" / "it5-test"
-    trial.mkdir(parents=True)
+    script = textwrap.dedent(f"""
+        import sys, types
+        import torch
+        from PIL import Image
+        assert not any(m == "matplotlib" or m.startswith("matplotlib.") for m in sys.modules)
+        sys.modules["IPython"] = types.ModuleType("IPython")
+        from scoredistill.bench import gt3d_gpu as g
+        tmp = {str(tmp_path)!r}
+        results = [{{"config": "a", "curve": [(0, 10.0), (5, 12.5)], "unet_samples": 20, "steps_done": 5}},
+                   {{"config": "b", "curve": [(0, 9.0), (5, 11.0)]}}]
+        g.write_curves(tmp + "/curves.png", results)
+        import os
+        trial = os.path.join(tmp, "trial", "save", "it5-test")
+        os.makedirs(trial)
+        for i in range(120):
+            Image.fromarray((torch.full((16, 32, 3), i / 120.0) * 255).byte().numpy()).save(f"{{trial}}/{{i}}.png")
+        g.write_grid(tmp + "/grid.png", [{{"config": "a", "trial": os.path.join(tmp, "trial"), "steps_done": 5,
+                                          "max_steps": 9}}], None, "cube")
+        assert "matplotlib.pyplot" not in sys.modules and sys.modules["IPython"].__name__ == "IPython"  # put back
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     from PIL import Image
 
-    for i in range(120):
-        Image.fromarray((torch.full((16, 32, 3), i / 120.0) * 255).byte().numpy()).save(trial / f"{i}.png")
-    g.write_grid(str(tmp_path / "grid.png"), [{"config": "a", "trial": str(tmp_path / "trial"), "steps_done": 5,
-                                                "max_steps": 9}], None, "cube")
     for f in ("curves.png", "grid.png"):
         im = Image.open(tmp_path / f)
         assert im.size[0] > 300 and im.size[1] > 100
-    assert "matplotlib.pyplot" not in sys.modules and sys.modules["IPython"].__name__ == "IPython"  # put back
 
 
 def test_each_run_trains_for_its_own_window_from_its_first_step(tmp_path):
