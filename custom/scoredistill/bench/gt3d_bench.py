@@ -115,7 +115,10 @@ ROW_BY_NAME = {r.name: r for r in ROWS}
 # ------------------------------------------------------------------------------------------ threestudio in-process
 def import_threestudio():
     """threestudio (the repository's ``.threestudio`` or ``$THREESTUDIO_ROOT``) imported in this process; on a
-    machine without CUDA through the CPU device patch and stand-ins of :mod:`scoredistill.testing.threestudio_cpu`."""
+    machine without CUDA through the CPU device patch and stand-ins of :mod:`scoredistill.testing.threestudio_cpu`.
+    A threestudio this process already imported is used as it is (its data module is all the cameras need)."""
+    if "threestudio.data.uncond" in sys.modules:  # e.g. the demo's, imported from the path it was given
+        return sys.modules["threestudio"]
     return threestudio_cpu.import_threestudio()
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import runpy
 import sys
 import time
 
@@ -160,15 +159,12 @@ def install(out_path: str, every: int, until: float = None, window: float = None
 def main() -> None:
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         sys.path.pop(0)  # run by path: do not shadow top-level modules with this folder's files
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
+    from scoredistill.bench.launch_probe import run_script_after
+
     until, window = os.environ.get(UNTIL_ENV), os.environ.get(WINDOW_ENV)
-    install(os.path.abspath(os.environ.get(OUT_ENV, "probe.json")), max(1, int(os.environ.get(EVERY_ENV, "25"))),
-            float(until) if until else None, float(window) if window else None)
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    run_script_after(lambda: install(os.path.abspath(os.environ.get(OUT_ENV, "probe.json")),
+                                     max(1, int(os.environ.get(EVERY_ENV, "25"))),
+                                     float(until) if until else None, float(window) if window else None), __doc__)
 
 
 if __name__ == "__main__":

@@ -342,19 +342,26 @@ def install(out_path: str, stop_after: int, skip_test: bool = True, profile: boo
     pytorch_lightning.Trainer = ProbedTrainer
 
 
-def main() -> None:
-    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-        sys.path.pop(0)  # run by path: do not shadow top-level modules with this folder's files
+def run_script_after(install_probe, usage: str) -> None:
+    """Run ``sys.argv[1]`` (``launch.py`` or another wrapper) as ``__main__`` with the arguments after it as its
+    ``sys.argv``, after ``install_probe()``; ``usage`` is printed (exit) when no script is given.  The shared
+    tail of the probe wrappers (this module's and :mod:`scoredistill.bench.gt3d_probe`'s ``main``)."""
     if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    out = os.environ.get("SCOREDISTILL_PROBE_OUT", "probe.json")
-    steps = int(os.environ.get("SCOREDISTILL_PROBE_STEPS", "0"))
-    install(os.path.abspath(out), steps, os.environ.get("SCOREDISTILL_PROBE_SKIP_TEST", "1") == "1",
-            os.environ.get("SCOREDISTILL_PROBE_PROFILE", "0") == "1")
+        raise SystemExit(usage)
+    install_probe()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
+
+
+def main() -> None:
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path.pop(0)  # run by path: do not shadow top-level modules with this folder's files
+    out = os.environ.get("SCOREDISTILL_PROBE_OUT", "probe.json")
+    steps = int(os.environ.get("SCOREDISTILL_PROBE_STEPS", "0"))
+    run_script_after(lambda: install(os.path.abspath(out), steps, os.environ.get("SCOREDISTILL_PROBE_SKIP_TEST", "1") == "1",
+                                     os.environ.get("SCOREDISTILL_PROBE_PROFILE", "0") == "1"), __doc__)
 
 
 if __name__ == "__main__":

@@ -153,32 +153,13 @@ def import_threestudio(root: str):
 
 
 def _cameras(dataset_split: str, n: int, size: int, seed: int = 0):
-    """threestudio's own cameras with the benchmark's ``eval`` camera setting: ``"train"`` (``n`` random views of
-    ``RandomCameraIterableDataset``), ``"test"`` (its ``RandomCameraDataset`` test views)."""
-    import random
-
-    import torch
-    from threestudio.data.uncond import (RandomCameraDataModuleConfig, RandomCameraDataset,
-                                         RandomCameraIterableDataset)
-    from threestudio.utils.config import parse_structured
-
-    from ..bench.gt3d_bench import data_config
+    """threestudio's own cameras with the benchmark's ``eval`` camera setting (threestudio already imported):
+    ``"train"`` (``n`` random views of ``RandomCameraIterableDataset``), ``"test"`` (its test views)."""
+    from ..bench import gt3d_bench
 
     if dataset_split == "train":
-        cfg = parse_structured(RandomCameraDataModuleConfig, data_config("eval", batch_size=n, width=size, height=size))
-        state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            b = RandomCameraIterableDataset(cfg).collate(None)
-        finally:
-            torch.set_rng_state(state[0])
-            random.setstate(state[1])
-        return {k: b[k] for k in ("c2w", "fovy", "elevation", "azimuth")}
-    cfg = parse_structured(RandomCameraDataModuleConfig, data_config(
-        "eval", eval_width=size, eval_height=size, n_val_views=n, n_test_views=n))
-    ds = RandomCameraDataset(cfg, "test")
-    return {"c2w": ds.c2w, "fovy": ds.fovy}
+        return gt3d_bench.sample_training_cameras(n, "eval", seed, size)
+    return gt3d_bench.eval_cameras("test", n, "eval", size)
 
 
 def build_prior(folder: str, scene: str, views: int, seed: int = 1234) -> Dict[str, float]:

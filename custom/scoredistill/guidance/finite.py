@@ -90,20 +90,14 @@ def clone_state(obj: Any) -> Any:
 
 def step_is_finite(loss: Optional[torch.Tensor], grads) -> bool:
     """The finite-step rule for one optimizer step, as one host sync: ``loss`` finite and
-    ``sqrt(Σ_g ‖g‖²)`` finite in float32 (so no gradient is non-finite and no Adam ``g²`` overflows).
-    Used by the guidances' own optimizers (LODS α / ψ, VDM ``M_ψ``)."""
-    grads = [g for g in grads if g is not None]
-    checks = []
-    if grads:
-        norms = torch._foreach_norm(grads)
-        checks.append(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()))
-    if loss is not None:
-        checks.append(torch.isfinite(loss.detach()).all().to(checks[0].device if checks else loss.device))
-    return bool(torch.stack(checks).all()) if checks else True
+    ``sqrt(Σ_g ‖g‖²)`` finite in float32 (so no gradient is non-finite and no Adam ``g²`` overflows); the host
+    reading of :func:`finite_ok`."""
+    return bool(finite_ok(loss, grads))
 
 
 def finite_ok(loss: Optional[torch.Tensor], grads) -> torch.Tensor:
-    """The rule of :func:`step_is_finite` as a 0-dim bool tensor on the device: no host read (issue 26)."""
+    """The finite-step rule (:func:`step_is_finite`) as a 0-dim bool tensor on the device: no host read (issue 26).
+    Used by the guidances' own optimizers (LODS α / ψ, VDM ``M_ψ``)."""
     grads = [g for g in grads if g is not None]
     checks = []
     if grads:
