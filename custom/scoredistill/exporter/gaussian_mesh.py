@@ -57,7 +57,7 @@ from torch import Tensor
 
 from scoredistill.atomic_io import atomic_write_bytes as _atomic_write_bytes
 from scoredistill.geometry.gaussians import SH_C0, sh_degree_from_bases
-from scoredistill.settings import check_range, in_range
+from scoredistill.settings import check_range, in_range, is_number
 
 COLOR_MODES = ("dc", "normal_sh")
 FORMATS = ("obj", "glb", "ply")
@@ -180,10 +180,8 @@ def _parse_bounds(bounds, name: str):
         if bounds != "auto":
             raise ValueError(f"{name} must be 'auto', a radius > 0 or [[xmin,ymin,zmin],[xmax,ymax,zmax]], got {bounds!r}")
         return bounds
-    if isinstance(bounds, (int, float)) and not isinstance(bounds, bool):
-        if not (math.isfinite(bounds) and bounds > 0):
-            raise ValueError(f"{name} as a radius must be a finite number > 0, got {bounds!r}")
-        return float(bounds)
+    if is_number(bounds):
+        return float(check_range(bounds, f"{name} as a radius", 0, open_low=True))
     try:
         arr = np.asarray([[float(v) for v in row] for row in bounds], dtype=np.float64)
     except (TypeError, ValueError):
