@@ -408,9 +408,10 @@ def test_launch_settings_are_refused_in_configure_naming_the_setting(threestudio
 @pytest.mark.threestudio
 def test_densify_off_resets_off_and_group_lrs(threestudio_module):
     from scoredistill import validation as V
+    from scoredistill.geometry.densify import check_strategy_schedule
 
-    V.check_strategy_schedule({"type": "none", "refine_start_iter": 500, "refine_stop_iter": 10})
-    V.check_strategy_schedule({"opacity_reset": False, "reset_every": 1, "refine_every": 100})
+    check_strategy_schedule({"type": "none", "refine_start_iter": 500, "refine_stop_iter": 10})
+    check_strategy_schedule({"opacity_reset": False, "reset_every": 1, "refine_every": 100})
     V.check_loss_weights({"lambda_sds": 0.0, "lambda_opaque": [10000, 0.0, 1000.0, 10001]})
     with pytest.raises(ValueError, match=r"^system.optimizer.params.geometry.scales.lr must be a finite number > 0, got 0"):
         V.check_optimizer_settings({"name": "Adam", "args": {"lr": 1e-3}, "params": {"geometry.scales": {"lr": 0}}})

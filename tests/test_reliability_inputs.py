@@ -117,15 +117,15 @@ def test_atomic_write_gives_umask_mode_and_removes_stale_temporaries(tmp_path):
 @pytest.mark.parametrize(
     "opts,match",
     [
-        ({"grow_grad2d": -1e-4}, r"system.strategy.grow_grad2d must be a finite number in \[0.0, inf\)"),
+        ({"grow_grad2d": -1e-4}, r"system.strategy.grow_grad2d must be a finite number >= 0.0, got"),
         ({"grow_grad2d": NAN}, r"system.strategy.grow_grad2d must be a finite number"),
         ({"prune_opa": 1.5}, r"system.strategy.prune_opa must be a finite number in \[0.0, 1.0\)"),
-        ({"refine_every": 0}, r"system.strategy.refine_every must be an integer in \[1, inf\)"),
-        ({"reset_every": 0}, r"system.strategy.reset_every must be an integer in \[1, inf\)"),
+        ({"refine_every": 0}, r"system.strategy.refine_every must be an integer >= 1, got"),
+        ({"reset_every": 0}, r"system.strategy.reset_every must be an integer >= 1, got"),
         ({"grow_scale3d": INF}, r"system.strategy.grow_scale3d must be a finite number"),
         ({"scene_scale": NAN}, r"system.strategy.scene_scale must be a finite number"),
-        ({"max_num": -5}, r"system.strategy.max_num must be an integer in \[0, inf\)"),
-        ({"type": "mcmc", "cap_max": 0}, r"system.strategy.cap_max must be an integer in \[1, inf\)"),
+        ({"max_num": -5}, r"system.strategy.max_num must be an integer >= 0, got"),
+        ({"type": "mcmc", "cap_max": 0}, r"system.strategy.cap_max must be an integer >= 1, got"),
         ({"type": "mcmc", "max_num": 10}, r"system.strategy.max_num is for type: default"),
     ],
 )
@@ -225,9 +225,9 @@ def test_import_scoredistill_next_to_a_threestudio_checkout(tmp_path):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ({"init_radius": NAN}, r"system.geometry.init_radius must be a finite number in \(0.0, inf\)"),
-        ({"init_scale": NAN}, r"system.geometry.init_scale must be a finite number in \(0.0, inf\) or null"),
-        ({"upsample_jitter": NAN}, r"system.geometry.upsample_jitter must be a finite number in \[0.0, inf\)"),
+        ({"init_radius": NAN}, r"system.geometry.init_radius must be a finite number > 0, got"),
+        ({"init_scale": NAN}, r"system.geometry.init_scale must be a finite number > 0 or null, got"),
+        ({"upsample_jitter": NAN}, r"system.geometry.upsample_jitter must be a finite number >= 0, got"),
         ({"init_opacity": NAN}, r"system.geometry.init_opacity must be a finite number in \(0.0, 1.0\)"),
         ({"init_scale_factor": INF}, r"system.geometry.init_scale_factor must be a finite number"),
         ({"init_offset": [0.0, NAN, 0.0]}, r"system.geometry.init_offset must be 3 finite numbers"),
@@ -283,7 +283,7 @@ def _system_cfg(threestudio_module, config, *overrides):
         ("ge3d-gs.yaml", "system.guidance.no_such_setting=1", r"system.guidance: unknown settings \['system.guidance.no_such_setting'\]"),
         ("ge3d-gs.yaml", "system.prompt_processor.prompt=''", r"system.prompt_processor.prompt must be a non-empty text prompt"),
         ("ge3d-gs.yaml", "system.prompt_processor.prompt=' '", r"system.prompt_processor.prompt must be a non-empty text prompt"),
-        ("ge3d-gs.yaml", "system.strategy.refine_every=0", r"system.strategy.refine_every must be an integer in \[1, inf\)"),
+        ("ge3d-gs.yaml", "system.strategy.refine_every=0", r"system.strategy.refine_every must be an integer >= 1, got"),
         ("ge3d-gs.yaml", "system.strategy.absgrad=true", r"system.strategy.absgrad: true .* system.renderer.absgrad: true"),
         ("ge3d-gs.yaml", "system.renderer.eps2d=nan", r"system.renderer.eps2d must be a finite number"),
         ("ge3d-gs.yaml", "system.exporter.save_name=../x.ply", r"system.exporter.save_name must be relative"),

@@ -9,83 +9,28 @@ and a failed start (e.g. ``--config <trial>/configs/parsed.yaml resume=... syste
 overwritten the trial's ``parsed.yaml`` / ``raw.yaml``.
 
 The pack's systems (``gsplat-system``, ``gsplat-edit-system``, ``nerf-edit-system``, ``hifa-system``) call
-:func:`validate_system_settings` at the start of ``configure`` — before the geometry is built — which checks the
-prompt, the guidance config (the guidance's own ``validate_config`` on a model-free instance), the prompt
-processor, geometry, renderer, densification strategy and exporter configs.  Their ``setup`` hook calls
-:func:`defer_config_snapshot`, which moves threestudio's config snapshot from ``on_fit_start`` to
-``on_train_start`` (after the guidance and text encoder have loaded and the checkpoint was restored), so a start
-that fails anywhere before training leaves an existing trial's files untouched.
+:func:`validate_system_settings` at the start of ``configure`` — before the geometry is built.  This module is the
+launch-time orchestration only: it decides which part's own check runs, in which order, before anything heavy
+loads -- the prompt (and the prompt processor's config), the guidance (its own ``validate_config`` on a model-free
+instance), the geometry, the renderer and the exporter (each its own ``validate_settings(cfg, prefix)``
+classmethod next to its ``Config``), the densification schedule (``geometry.densify.validate_settings``), and the
+settings no part owns: ``system.loss`` / ``system.optimizer`` (shared by every pack system) and threestudio's
+``data.*``.  Their ``setup`` hook calls :func:`defer_config_snapshot`, which moves threestudio's config snapshot
+from ``on_fit_start`` to ``on_train_start`` (after the guidance and text encoder have loaded and the checkpoint was
+restored), so a start that fails anywhere before training leaves an existing trial's files untouched.
 
-Error messages name the full dotted setting (``system.guidance.guidance_scale``): :func:`qualify_message`
-prefixes the field names of a config in a message that names them bare.
+Error messages name the full dotted setting (``system.guidance.guidance_scale``) and its allowed range; the
+helpers the parts share for that (the number-range check, the parsing, the qualifying of bare field names) are in
+:mod:`scoredistill.settings`.
 """
 from __future__ import annotations
 
 import functools
 import math
-import re
 import types
-from typing import Any, Iterable, Optional
+from typing import Any
 
-
-def _field_names(config_cls) -> list:
-    from dataclasses import fields, is_dataclass
-
-    return [f.name for f in fields(config_cls)] if is_dataclass(config_cls) else []
-
-
-def qualify_message(message: str, prefix: str, names: Iterable[str]) -> str:
-    """``message`` with the first bare setting of ``names`` it mentions written as ``{prefix}.{name}``.
-
-    The first mention is the setting at fault (``min_step_percent (0.5) must be <= max_step_percent``).  Names with
-    an underscore (``guidance_scale``) are looked for anywhere as a whole word not already preceded by ``.``;
-    one-word names (``mode``, ``trajectory``), which may be plain English, only at the start of the message or
-    right after a ``"<class>: "`` prefix.  A message that already names a ``system.`` setting is left as it is.
-    """
-    names = sorted({n for n in names if n}, key=len, reverse=True)
-    if not names or message.startswith("system.") or re.match(r"^[\w\-]+: system\.", message):
-        return message
-    single = [n for n in names if "_" not in n]
-    if single:
-        pattern = re.compile(r"^((?:[\w\-]+: )?)(" + "|".join(re.escape(n) for n in single) + r")(?![\w.])")
-        out = pattern.sub(lambda m: f"{m.group(1)}{prefix}.{m.group(2)}", message, count=1)
-        if out != message:
-            return out
-    multi = [n for n in names if "_" in n]
-    if multi:
-        pattern = re.compile(r"(?<![\w.\-])(" + "|".join(re.escape(n) for n in multi) + r")(?![\w])")
-        return pattern.sub(lambda m: f"{prefix}.{m.group(1)}", message, count=1)
-    return message
-
-
-def run_qualified(fn, prefix: str, config_cls) -> None:
-    """Call ``fn()``; re-raise its ``ValueError`` with the config's setting names qualified by ``prefix``."""
-    try:
-        fn()
-    except ValueError as e:
-        msg = str(e)
-        qualified = qualify_message(msg, prefix, _field_names(config_cls))
-        if qualified == msg:
-            raise
-        raise ValueError(qualified) from e
-
-
-def parse_settings(config_cls, cfg: Any, prefix: str):
-    """threestudio's ``parse_structured`` with an error that names ``prefix`` (unknown or mistyped keys)."""
-    from omegaconf import OmegaConf
-    from threestudio.utils.config import parse_structured
-
-    if cfg is None:
-        cfg = {}
-    try:
-        return parse_structured(config_cls, cfg)
-    except TypeError as e:  # unknown keyword argument
-        known = sorted(_field_names(config_cls))
-        given = sorted(OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else dict(cfg))
-        unknown = [k for k in given if k not in known]
-        raise ValueError(f"{prefix}: unknown settings {[f'{prefix}.{k}' for k in unknown] or given} ({e})") from None
-    except Exception as e:  # omegaconf ValidationError: wrong type
-        raise ValueError(f"{prefix}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+from scoredistill.settings import check_range, in_range, interval, is_number, parse_settings, plain, run_qualified
 
 
 def find_registered(type_name: Any, setting: str):
@@ -221,8 +166,6 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
     Raises:
         ValueError: naming the full dotted setting and its allowed range.
     """
-    import threestudio
-
     cfg = system.cfg
     dm = launch_datamodule()
     if dm is not None:  # launch.py: its data.* settings too, before the geometry (Shap-E) is built
@@ -235,22 +178,12 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
     for key in ("material", "background"):
         if getattr(cfg, f"{key}_type", None):
             find_registered(getattr(cfg, f"{key}_type"), f"system.{key}_type")
-    geo_cls = find_registered(cfg.geometry_type, "system.geometry_type")
-    from scoredistill.geometry.gaussian_splatting import GsplatGaussianSplatting, check_gaussian_geometry_config
-
-    if issubclass(geo_cls, GsplatGaussianSplatting):
-        check_gaussian_geometry_config(parse_settings(geo_cls.Config, cfg.geometry, "system.geometry"), "system.geometry")
-    ren_cls = find_registered(cfg.renderer_type, "system.renderer_type")
-    from scoredistill.renderer.gsplat_rasterizer import GsplatRasterizer, check_rasterizer_config
-
-    if issubclass(ren_cls, GsplatRasterizer):
-        check_rasterizer_config(parse_settings(ren_cls.Config, cfg.renderer, "system.renderer"), "system.renderer")
+    validate_part_settings(cfg, "geometry")
+    renderer = validate_part_settings(cfg, "renderer")
     if hasattr(cfg, "strategy"):
-        from scoredistill.geometry.densify import validate_strategy_config
+        from scoredistill.geometry import densify
 
-        renderer = cfg.renderer if issubclass(ren_cls, GsplatRasterizer) else {}
-        validate_strategy_config(dict(cfg.strategy or {}), dict(renderer or {}))
-        check_strategy_schedule(cfg.strategy)
+        densify.validate_settings(cfg.strategy, "system.strategy", _config_dict(renderer))
     check_loss_weights(cfg.loss)
     check_optimizer_settings(cfg.optimizer)
     # every other number the system reads (after the specific checks above, whose messages give the range)
@@ -260,23 +193,33 @@ def validate_system_settings(system, guidance_cfg: Any = None) -> None:
         typ = getattr(cfg, f"{key}_type", None)
         if typ:
             _check_finite_tree(getattr(cfg, key), f"system.{key}")
-    exp_type = getattr(cfg, "exporter_type", None)
-    if exp_type:
-        exp_cls = find_registered(exp_type, "system.exporter_type")
-        parsed = parse_settings(exp_cls.Config, cfg.exporter, "system.exporter")
-        check = getattr(exp_cls, "check_config", None)
-        if check is not None:
-            check(parsed, "system.exporter")
+    if getattr(cfg, "exporter_type", None):
+        validate_part_settings(cfg, "exporter", parse_only=True)
 
 
-def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
+def validate_part_settings(cfg: Any, key: str, parse_only: bool = False) -> Any:
+    """Run the own settings check of the part ``system.{key}`` (``geometry``, ``renderer``, ``exporter``).
 
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    The part is the class registered as ``system.{key}_type``; the pack's parts (``gsplat-gaussian-splatting``,
+    ``gsplat-rasterizer``, ``kernel-smoothed-volume-renderer``, the exporters) check their settings in a
+    ``validate_settings(cfg, prefix)`` classmethod next to their ``Config``, which returns what it parsed.  A
+    foreign part (threestudio's own) has none: its config is only parsed when ``parse_only`` (its own parse
+    errors then name ``system.{key}``).  Returns the part's parsed settings, or ``None``.
+    """
+    prefix = f"system.{key}"
+    cls = find_registered(getattr(cfg, f"{key}_type"), f"{prefix}_type")
+    validate = getattr(cls, "validate_settings", None)
+    if callable(validate):
+        return validate(getattr(cfg, key), prefix)
+    if parse_only:
+        return parse_settings(cls.Config, getattr(cfg, key), prefix)
+    return None
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _config_dict(parsed: Any) -> dict:
+    """A part's parsed settings as a plain ``dict`` (``{}`` for ``None`` or settings that are no config)."""
+    value = plain(parsed)
+    return value if isinstance(value, dict) else {}
 
 
 def check_optimizer_settings(optimizer: Any, prefix: str = "system.optimizer") -> None:
@@ -285,7 +228,7 @@ def check_optimizer_settings(optimizer: Any, prefix: str = "system.optimizer") -
     Before: ``lr=abc`` reached torch as a string (``TypeError: '<' not supported ...``) and ``lr=-1`` gave torch's
     ``Invalid learning rate: -1`` -- neither naming the setting.
     """
-    opt = _plain(optimizer)
+    opt = plain(optimizer)
     if not isinstance(opt, dict):
         return
     name = opt.get("name")
@@ -302,8 +245,7 @@ def check_optimizer_settings(optimizer: Any, prefix: str = "system.optimizer") -
         if isinstance(args, dict) and "lr" in args:
             lrs.append((f"{prefix}.params.{group}.lr", args["lr"]))
     for setting, lr in lrs:
-        if not _is_number(lr) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"{setting} must be a finite number > 0, got {lr!r}")
+        check_range(lr, setting, 0, open_low=True)
 
 
 def check_loss_weights(loss: Any, prefix: str = "system.loss") -> None:
@@ -312,7 +254,7 @@ def check_loss_weights(loss: Any, prefix: str = "system.loss") -> None:
     A negative weight is refused, not trained: ``lambda_sds=-1`` turns score distillation into score *ascent*
     (the render is pushed away from the prompt) and ran silently.  0 turns a term off.
     """
-    values = _plain(loss)
+    values = plain(loss)
     if not isinstance(values, dict):
         return
     for key, value in values.items():
@@ -320,31 +262,8 @@ def check_loss_weights(loss: Any, prefix: str = "system.loss") -> None:
             continue
         numbers = value if isinstance(value, list) else [value]
         for v in numbers:
-            if _is_number(v) and v < 0:
+            if is_number(v) and v < 0:
                 raise ValueError(f"{prefix}.{key} must be >= 0 (a loss weight; 0 turns the term off), got {value!r}")
-
-
-def check_strategy_schedule(strategy: Any, prefix: str = "system.strategy") -> None:
-    """Densification schedules that would silently never densify or never let opacity grow.
-
-    * ``refine_start_iter > refine_stop_iter``: gsplat refines only for ``start < step < stop``, so nothing was
-      ever densified;
-    * ``reset_every < refine_every`` (with ``opacity_reset``): every opacity is reset to ``2 * prune_opa`` more
-      often than the model refines, so no Gaussian can become opaque between two resets.
-    To turn densification off use ``type: none``; to turn resets off ``opacity_reset: false``.
-    """
-    st = _plain(strategy) or {}
-    if not isinstance(st, dict) or st.get("type", "default") != "default":
-        return
-    start, stop = st.get("refine_start_iter"), st.get("refine_stop_iter")
-    if _is_number(start) and _is_number(stop) and start > stop:
-        raise ValueError(f"{prefix}.refine_start_iter ({start}) must be <= {prefix}.refine_stop_iter ({stop}): "
-                         f"densification runs only between them (to turn it off: {prefix}.type: none)")
-    every, reset = st.get("refine_every"), st.get("reset_every")
-    if st.get("opacity_reset", True) and _is_number(every) and _is_number(reset) and reset < every:
-        raise ValueError(f"{prefix}.reset_every ({reset}) must be >= {prefix}.refine_every ({every}): opacities "
-                         "reset more often than the model refines never grow (to turn resets off: "
-                         f"{prefix}.opacity_reset: false)")
 
 
 def _int_or_int_list(value: Any) -> list:
@@ -360,7 +279,7 @@ def validate_data_settings(data: Any, prefix: str = "data") -> None:
     degrees ``0 < lo <= hi < 180``; ``eval_fovy_deg`` in ``(0, 180)``; ``camera_distance_range`` ``0 < lo <= hi``;
     ``elevation_range`` / ``azimuth_range`` ``lo <= hi``; ``n_val_views``, ``n_test_views`` >= 1.
     """
-    d = _plain(data)
+    d = plain(data)
     if not isinstance(d, dict):
         return
     stages = 1 + len(d.get("resolution_milestones") or [])
@@ -368,36 +287,31 @@ def validate_data_settings(data: Any, prefix: str = "data") -> None:
         if key not in d:
             continue
         values = _int_or_int_list(d[key])
-        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        if not values or not all(in_range(v, 1, integer=True) for v in values):
             raise ValueError(f"{prefix}.{key} must be an integer >= 1 (or a list of them, one per "
                              f"{prefix}.resolution_milestones stage), got {d[key]!r}")
         if isinstance(d[key], list) and len(values) != stages:
             raise ValueError(f"{prefix}.{key} has {len(values)} entries but {prefix}.resolution_milestones gives "
                              f"{stages} stages")
     for key in ("eval_batch_size", "eval_width", "eval_height", "n_val_views", "n_test_views"):
-        v = d.get(key)
-        if key in d and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise ValueError(f"{prefix}.{key} must be an integer >= 1, got {v!r}")
+        if key in d:
+            check_range(d[key], f"{prefix}.{key}", 1, integer=True)
 
     def pair(key, low=-math.inf, high=math.inf, open_low=False, open_high=False):
         if key not in d:
             return
         v = d[key]
-        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) and math.isfinite(x) for x in v)
-        if ok:
-            lo, hi = v
-            ok = lo <= hi and (lo > low if open_low else lo >= low) and (hi < high if open_high else hi <= high)
-        if not ok:
-            rng = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise ValueError(f"{prefix}.{key} must be [lo, hi], two finite numbers with lo <= hi in {rng}, got {v!r}")
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(in_range(x, low, high, open_low, open_high) for x in v)
+        if not (ok and v[0] <= v[1]):
+            raise ValueError(f"{prefix}.{key} must be [lo, hi], two finite numbers with lo <= hi in "
+                             f"{interval(low, high, open_low, open_high)}, got {v!r}")
 
     pair("fovy_range", 0, 180, open_low=True, open_high=True)
     pair("camera_distance_range", 0, open_low=True)
     pair("elevation_range", -90, 90)
     pair("azimuth_range")
-    v = d.get("eval_fovy_deg")
-    if "eval_fovy_deg" in d and not (_is_number(v) and 0 < v < 180):
-        raise ValueError(f"{prefix}.eval_fovy_deg must be a number in (0, 180) degrees, got {v!r}")
+    if "eval_fovy_deg" in d:
+        check_range(d["eval_fovy_deg"], f"{prefix}.eval_fovy_deg", 0, 180, open_low=True, open_high=True, note=" degrees")
 
 
 def launch_datamodule(max_depth: int = 40):

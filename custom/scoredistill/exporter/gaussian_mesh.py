@@ -48,7 +48,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ from torch import Tensor
 
 from scoredistill.atomic_io import atomic_write_bytes as _atomic_write_bytes
 from scoredistill.geometry.gaussians import SH_C0, sh_degree_from_bases
+from scoredistill.settings import check_range, in_range, is_number
 
 COLOR_MODES = ("dc", "normal_sh")
 FORMATS = ("obj", "glb", "ply")
@@ -76,18 +77,23 @@ class MeshExportError(ValueError):
 # ----------------------------------------------------------------------------------------------- settings
 @dataclass
 class MeshSettings:
-    """Settings of the Gaussian -> mesh export (the exporter's config keys, same names)."""
+    """Settings of the Gaussian -> mesh export: the one definition of the ``gsplat-mesh-exporter`` config keys (its
+    ``Config`` derives from this class) and of the ``scoredistill mesh`` defaults.
+
+    ``bounds`` and ``isosurface_threshold`` take several forms (typed ``Any``: OmegaConf, which builds the
+    exporter's config, has no ``Union`` of a text and a list); :meth:`check` validates them.
+    """
 
     #: voxels along the longest side of the bounds (other sides: same voxel size)
     resolution: int = 256
     #: "auto" (support of the visible Gaussians), a radius r (cube [-r, r]^3), or [[xmin,ymin,zmin],[xmax,ymax,zmax]]
-    bounds: Union[str, float, List[List[float]]] = "auto"
+    bounds: Any = "auto"
     #: explicit bounds crop the scene (surface closed on the boundary) instead of raising when they cut it
     crop_to_bounds: bool = False
     #: iso-level of the opacity-weighted density: "auto" = auto_level_ratio x the median density at the visible
     #: Gaussians' centres (the surface sits at the Gaussians whether they are sparse or dense), or a number
     #: (a lone Gaussian of opacity o reaches o at its centre; DreamGaussian: 1)
-    isosurface_threshold: Union[str, float] = "auto"
+    isosurface_threshold: Any = "auto"
     #: with isosurface_threshold "auto": the level as a fraction of the median density at the centres
     auto_level_ratio: float = 0.25
     #: Gaussians below this opacity are ignored (DreamGaussian: 0.005)
@@ -130,42 +136,30 @@ class MeshSettings:
         def bad(key, allowed, value):
             raise ValueError(f"{prefix}{key} must be {allowed}, got {value!r}")
 
-        if not isinstance(self.resolution, int) or not 8 <= self.resolution <= 2048:
-            bad("resolution", "an integer in 8..2048", self.resolution)
+        def num(key, *allowed, **kw):
+            check_range(getattr(self, key), prefix + key, *allowed, **kw)
+
+        num("resolution", 8, 2048, integer=True)
         self.bounds = _parse_bounds(self.bounds, prefix + "bounds")
-        if self.isosurface_threshold != "auto" and not (
-            isinstance(self.isosurface_threshold, (int, float)) and not isinstance(self.isosurface_threshold, bool)
-            and math.isfinite(self.isosurface_threshold) and self.isosurface_threshold > 0
-        ):
+        if self.isosurface_threshold != "auto" and not in_range(self.isosurface_threshold, 0, open_low=True):
             bad("isosurface_threshold", "'auto' or a finite number > 0", self.isosurface_threshold)
-        if not (isinstance(self.auto_level_ratio, (int, float)) and 0.0 < self.auto_level_ratio < 1.0):
-            bad("auto_level_ratio", "in (0, 1)", self.auto_level_ratio)
-        if not (isinstance(self.fill_threshold_ratio, (int, float)) and 0.0 < self.fill_threshold_ratio <= 1.0):
-            bad("fill_threshold_ratio", "in (0, 1]", self.fill_threshold_ratio)
-        if not (isinstance(self.density_min_sigma_voxels, (int, float)) and 0.0 <= self.density_min_sigma_voxels <= 16.0):
-            bad("density_min_sigma_voxels", "in [0, 16] (0 = exact)", self.density_min_sigma_voxels)
+        num("auto_level_ratio", 0, 1, open_low=True, open_high=True)
+        num("fill_threshold_ratio", 0, 1, open_low=True)
+        num("density_min_sigma_voxels", 0, 16, note=" (0 = exact)")
         if self.up_axis not in UP_AXES:
             bad("up_axis", f"one of {UP_AXES}", self.up_axis)
-        if not (isinstance(self.min_opacity, (int, float)) and 0.0 <= self.min_opacity < 1.0):
-            bad("min_opacity", "in [0, 1)", self.min_opacity)
-        if not (math.isfinite(self.cutoff_sigma) and 1.0 <= self.cutoff_sigma <= 10.0):
-            bad("cutoff_sigma", "in [1, 10]", self.cutoff_sigma)
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 4096:
-            bad("chunk_size", "an integer >= 4096", self.chunk_size)
-        if not 0.0 <= self.min_component_fraction <= 1.0:
-            bad("min_component_fraction", "in [0, 1]", self.min_component_fraction)
-        if not isinstance(self.smooth_iterations, int) or self.smooth_iterations < 0:
-            bad("smooth_iterations", "an integer >= 0", self.smooth_iterations)
-        if not isinstance(self.decimate_target, int) or (self.decimate_target != 0 and self.decimate_target < 4):
+        num("min_opacity", 0, 1, open_high=True)
+        num("cutoff_sigma", 1, 10)
+        num("chunk_size", 4096, integer=True)
+        num("min_component_fraction", 0, 1)
+        num("smooth_iterations", 0, integer=True)
+        if not (in_range(self.decimate_target, 4, integer=True) or in_range(self.decimate_target, 0, 0, integer=True)):
             bad("decimate_target", "0 (off) or an integer >= 4", self.decimate_target)
-        if not isinstance(self.texture_size, int) or not 16 <= self.texture_size <= 8192:
-            bad("texture_size", "an integer in 16..8192", self.texture_size)
+        num("texture_size", 16, 8192, integer=True)
         if self.color_mode not in COLOR_MODES:
             bad("color_mode", f"one of {COLOR_MODES}", self.color_mode)
-        if not isinstance(self.color_knn, int) or not 1 <= self.color_knn <= 256:
-            bad("color_knn", "an integer in 1..256", self.color_knn)
-        if not isinstance(self.uv_padding, int) or not 0 <= self.uv_padding <= 64:
-            bad("uv_padding", "an integer in 0..64", self.uv_padding)
+        num("color_knn", 1, 256, integer=True)
+        num("uv_padding", 0, 64, integer=True)
         formats = [self.formats] if isinstance(self.formats, str) else list(self.formats)
         if not formats or any(f not in FORMATS for f in formats):
             bad("formats", f"a non-empty list of {FORMATS}", self.formats)
@@ -186,10 +180,8 @@ def _parse_bounds(bounds, name: str):
         if bounds != "auto":
             raise ValueError(f"{name} must be 'auto', a radius > 0 or [[xmin,ymin,zmin],[xmax,ymax,zmax]], got {bounds!r}")
         return bounds
-    if isinstance(bounds, (int, float)) and not isinstance(bounds, bool):
-        if not (math.isfinite(bounds) and bounds > 0):
-            raise ValueError(f"{name} as a radius must be a finite number > 0, got {bounds!r}")
-        return float(bounds)
+    if is_number(bounds):
+        return float(check_range(bounds, f"{name} as a radius", 0, open_low=True))
     try:
         arr = np.asarray([[float(v) for v in row] for row in bounds], dtype=np.float64)
     except (TypeError, ValueError):

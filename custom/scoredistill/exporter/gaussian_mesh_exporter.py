@@ -20,60 +20,50 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
-from typing import Any, List
+from dataclasses import dataclass, fields
+from typing import List
 
 from threestudio.models.exporters.base import Exporter, ExporterOutput
 
 from scoredistill._registry import register
 from scoredistill.exporter import gaussian_mesh as GM
+from scoredistill.settings import parse_settings, plain
 
-PREFIX = "system.exporter."
+PREFIX = "system.exporter"
 
 
 @register("gsplat-mesh-exporter")
 class GsplatMeshExporter(Exporter):
     @dataclass
-    class Config(Exporter.Config):
+    class Config(GM.MeshSettings, Exporter.Config):
+        """The mesh settings are :class:`~scoredistill.exporter.gaussian_mesh.MeshSettings`' fields (same names,
+        defaults and checks); these are the exporter's own."""
+
         #: file stem: <mesh_name>.obj / .mtl / .png / .glb / .ply
         mesh_name: str = "model"
         #: not used: accepted so that configs written for gsplat-ply-exporter (gs-sds.yaml sets
         #: save_name: gaussians.ply) switch to this exporter with one override (system.exporter_type)
         save_name: str = ""
         save_via_file: bool = False
-        #: the settings of gaussian_mesh.MeshSettings (same names and defaults)
-        resolution: int = 256
-        bounds: Any = "auto"
-        crop_to_bounds: bool = False
-        isosurface_threshold: Any = "auto"
-        auto_level_ratio: float = 0.25
-        min_opacity: float = 0.005
-        cutoff_sigma: float = 3.0
-        chunk_size: int = 4_194_304
-        fill_interior: bool = True
-        fill_threshold_ratio: float = 0.5
-        density_min_sigma_voxels: float = 1.5
-        min_component_fraction: float = 0.05
-        smooth_iterations: int = 0
-        decimate_target: int = 30_000
-        texture_size: int = 1024
-        color_mode: str = "dc"
-        color_knn: int = 16
-        uv_padding: int = 2
-        formats: List[str] = field(default_factory=lambda: ["obj", "glb"])
-        up_axis: str = "y"
 
     cfg: Config
 
-    def configure(self, geometry, material, background) -> None:
-        name = self.cfg.mesh_name
+    @classmethod
+    def validate_settings(cls, cfg, prefix: str = "system.exporter") -> GM.MeshSettings:
+        """Parse and check the exporter's config; returns its checked :class:`MeshSettings`.
+
+        Raises:
+            ValueError: naming the full dotted setting (``{prefix}.resolution``, ...) and its allowed range.
+        """
+        c = parse_settings(cls.Config, cfg, prefix)
+        name = c.mesh_name
         if not name or "/" in name or os.sep in name or name.startswith(".") or os.path.splitext(name)[1].lower() in (".obj", ".glb", ".ply", ".png", ".mtl"):
-            raise ValueError(f"{PREFIX}mesh_name must be a plain file stem (no folder, no extension, not starting with '.'), got {name!r}")
-        names = [f.name for f in fields(GM.MeshSettings)]
-        raw = {k: getattr(self.cfg, k) for k in names}
-        raw["bounds"] = _plain(raw["bounds"])
-        raw["formats"] = list(_plain(raw["formats"]))
-        self.settings = GM.MeshSettings(**raw).check(PREFIX)
+            raise ValueError(f"{prefix}.mesh_name must be a plain file stem (no folder, no extension, not starting with '.'), got {name!r}")
+        raw = {f.name: plain(getattr(c, f.name)) for f in fields(GM.MeshSettings)}
+        return GM.MeshSettings(**raw).check(prefix + ".")
+
+    def configure(self, geometry, material, background) -> None:
+        self.settings = self.validate_settings(self.cfg, PREFIX)
         if not hasattr(geometry, "export_params"):
             raise ValueError(
                 f"gsplat-mesh-exporter needs a Gaussian geometry (gsplat-gaussian-splatting), got {type(geometry).__name__}"
@@ -85,7 +75,7 @@ class GsplatMeshExporter(Exporter):
 
         device = self.geometry.params["means"].device
         params = {k: v.detach() for k, v in self.geometry.params.items()}
-        result = GM.gaussians_to_mesh(params, self.settings, device=device, prefix=PREFIX, progress=True)
+        result = GM.gaussians_to_mesh(params, self.settings, device=device, prefix=PREFIX + ".", progress=True)
         threestudio.info(
             "gsplat-mesh-exporter: {gaussians:.0f} Gaussians, grid {grid_x:.0f}x{grid_y:.0f}x{grid_z:.0f}: ".format(**result.stats)
             + GM.summary_line(result.stats)
@@ -100,14 +90,3 @@ class GsplatMeshExporter(Exporter):
             return outs
         return [ExporterOutput(save_name=self.cfg.mesh_name, save_type="gsplat_mesh", params={"files": files})]
 
-
-def _plain(value):
-    """OmegaConf containers -> Python lists."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return value

@@ -18,6 +18,7 @@ from threestudio.models.exporters.base import Exporter, ExporterOutput
 
 from scoredistill._registry import register
 from scoredistill.geometry.gaussians import save_gaussians_ply
+from scoredistill.settings import parse_settings
 
 
 @register("gsplat-ply-exporter")
@@ -29,17 +30,22 @@ class GsplatPlyExporter(Exporter):
 
     cfg: Config
 
-    @staticmethod
-    def check_config(c, prefix: str = "system.exporter") -> None:
-        """``save_name``: a relative file name ending in ``.ply`` (no ``..``, not absolute)."""
+    @classmethod
+    def validate_settings(cls, cfg, prefix: str = "system.exporter") -> "GsplatPlyExporter.Config":
+        """Parse and check the exporter's config; returns the parsed ``Config``.
+
+        ``save_name``: a relative file name ending in ``.ply`` (no ``..``, not absolute).
+        """
+        c = parse_settings(cls.Config, cfg, prefix)
         name = c.save_name
         if not isinstance(name, str) or not name.endswith(".ply") or len(name) <= 4:
             raise ValueError(f"{prefix}.save_name must be a file name ending with .ply, got {name!r}")
         if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
             raise ValueError(f"{prefix}.save_name must be relative to the trial's save folder, got {name!r}")
+        return c
 
     def configure(self, geometry, material, background) -> None:
-        self.check_config(self.cfg)
+        self.validate_settings(self.cfg)
         if not hasattr(geometry, "export_params"):
             raise ValueError(
                 f"gsplat-ply-exporter needs a Gaussian geometry (gsplat-gaussian-splatting), got {type(geometry).__name__}"

@@ -28,45 +28,33 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from scoredistill.settings import check_range, is_number, plain
+
 STRATEGY_TYPES = ("default", "mcmc", "none")
 
-#: allowed ranges of the gsplat strategy fields: name -> (lo, hi, lo_open, hi_open, integer)
+#: allowed ranges of the gsplat strategy fields: name -> keyword arguments of :func:`scoredistill.settings.check_range`
 _DEFAULT_RANGES = {
-    "prune_opa": (0.0, 1.0, False, True, False),
-    "grow_grad2d": (0.0, None, False, False, False),  # 0 = grow every visible Gaussian
-    "grow_scale3d": (0.0, None, True, False, False),
-    "grow_scale2d": (0.0, None, True, False, False),
-    "prune_scale3d": (0.0, None, True, False, False),
-    "prune_scale2d": (0.0, None, True, False, False),
-    "refine_scale2d_stop_iter": (0, None, False, False, True),
-    "refine_start_iter": (0, None, False, False, True),
-    "refine_stop_iter": (0, None, False, False, True),
-    "reset_every": (1, None, False, False, True),
-    "refine_every": (1, None, False, False, True),
-    "pause_refine_after_reset": (0, None, False, False, True),
+    "prune_opa": dict(low=0.0, high=1.0, open_high=True),
+    "grow_grad2d": dict(low=0.0),  # 0 = grow every visible Gaussian
+    "grow_scale3d": dict(low=0.0, open_low=True),
+    "grow_scale2d": dict(low=0.0, open_low=True),
+    "prune_scale3d": dict(low=0.0, open_low=True),
+    "prune_scale2d": dict(low=0.0, open_low=True),
+    "refine_scale2d_stop_iter": dict(low=0, integer=True),
+    "refine_start_iter": dict(low=0, integer=True),
+    "refine_stop_iter": dict(low=0, integer=True),
+    "reset_every": dict(low=1, integer=True),
+    "refine_every": dict(low=1, integer=True),
+    "pause_refine_after_reset": dict(low=0, integer=True),
 }
 _MCMC_RANGES = {
-    "cap_max": (1, None, False, False, True),
-    "noise_lr": (0.0, None, False, False, False),
-    "refine_start_iter": (0, None, False, False, True),
-    "refine_stop_iter": (0, None, False, False, True),
-    "refine_every": (1, None, False, False, True),
-    "min_opacity": (0.0, 1.0, False, True, False),
+    "cap_max": dict(low=1, integer=True),
+    "noise_lr": dict(low=0.0),
+    "refine_start_iter": dict(low=0, integer=True),
+    "refine_stop_iter": dict(low=0, integer=True),
+    "refine_every": dict(low=1, integer=True),
+    "min_opacity": dict(low=0.0, high=1.0, open_high=True),
 }
-
-
-def _check_number(name: str, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> None:
-    import math as _m
-
-    rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and _m.isfinite(v)
-    ok = ok and (not integer or float(v).is_integer())
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in {rng}, got {v!r}")
 
 
 def validate_strategy_config(cfg: Optional[Dict[str, Any]], renderer_cfg: Optional[Dict[str, Any]] = None,
@@ -89,14 +77,14 @@ def validate_strategy_config(cfg: Optional[Dict[str, Any]], renderer_cfg: Option
     if typ not in STRATEGY_TYPES:
         raise ValueError(f"{prefix}.type must be one of {STRATEGY_TYPES}, got {typ!r}")
     if "scene_scale" in cfg:
-        _check_number(f"{prefix}.scene_scale", cfg.pop("scene_scale"), 0.0, None, True)
+        check_range(cfg.pop("scene_scale"), f"{prefix}.scene_scale", 0.0, open_low=True)
     for flag in ("opacity_reset", "packed"):
         if flag in cfg and not isinstance(cfg[flag], bool):
             raise ValueError(f"{prefix}.{flag} must be true or false, got {cfg[flag]!r}")
     packed = bool(cfg.pop("packed", False))
     cfg.pop("opacity_reset", None)
     max_num = cfg.pop("max_num", 0)
-    _check_number(f"{prefix}.max_num", max_num, 0, None, integer=True)
+    check_range(max_num, f"{prefix}.max_num", 0, integer=True)
     if typ == "none":
         return
     cls = DefaultStrategy if typ == "default" else MCMCStrategy
@@ -111,8 +99,8 @@ def validate_strategy_config(cfg: Optional[Dict[str, Any]], renderer_cfg: Option
         raise ValueError(f"{prefix}.max_num is for type: default; MCMC caps the count with {prefix}.cap_max")
     ranges = _DEFAULT_RANGES if typ == "default" else _MCMC_RANGES
     defaults = {f.name: f.default for f in fields(cls)}
-    for name, (lo, hi, lo_open, hi_open, integer) in ranges.items():
-        _check_number(f"{prefix}.{name}", cfg.get(name, defaults[name]), lo, hi, lo_open, hi_open, integer)
+    for name, allowed in ranges.items():
+        check_range(cfg.get(name, defaults[name]), f"{prefix}.{name}", **allowed)
     for flag in ("absgrad", "revised_opacity", "verbose"):
         if flag in cfg and not isinstance(cfg[flag], bool):
             raise ValueError(f"{prefix}.{flag} must be true or false, got {cfg[flag]!r}")
@@ -129,6 +117,41 @@ def validate_strategy_config(cfg: Optional[Dict[str, Any]], renderer_cfg: Option
             f"{prefix}.packed: true needs packed rasterizer output ({renderer_prefix}.packed: true, gsplat CUDA); "
             f"leave {prefix}.packed unset: the densifier detects packed output by itself"
         )
+
+
+def check_strategy_schedule(strategy: Any, prefix: str = "system.strategy") -> None:
+    """Densification schedules that would silently never densify or never let opacity grow.
+
+    * ``refine_start_iter > refine_stop_iter``: gsplat refines only for ``start < step < stop``, so nothing was
+      ever densified;
+    * ``reset_every < refine_every`` (with ``opacity_reset``): every opacity is reset to ``2 * prune_opa`` more
+      often than the model refines, so no Gaussian can become opaque between two resets.
+    To turn densification off use ``type: none``; to turn resets off ``opacity_reset: false``.
+    """
+    st = plain(strategy) or {}
+    if not isinstance(st, dict) or st.get("type", "default") != "default":
+        return
+    start, stop = st.get("refine_start_iter"), st.get("refine_stop_iter")
+    if is_number(start) and is_number(stop) and start > stop:
+        raise ValueError(f"{prefix}.refine_start_iter ({start}) must be <= {prefix}.refine_stop_iter ({stop}): "
+                         f"densification runs only between them (to turn it off: {prefix}.type: none)")
+    every, reset = st.get("refine_every"), st.get("reset_every")
+    if st.get("opacity_reset", True) and is_number(every) and is_number(reset) and reset < every:
+        raise ValueError(f"{prefix}.reset_every ({reset}) must be >= {prefix}.refine_every ({every}): opacities "
+                         "reset more often than the model refines never grow (to turn resets off: "
+                         f"{prefix}.opacity_reset: false)")
+
+
+def validate_settings(cfg: Any, prefix: str = "system.strategy", renderer_cfg: Optional[Dict[str, Any]] = None,
+                      renderer_prefix: str = "system.renderer") -> None:
+    """The densification schedule's own check (``system.strategy``), before anything is built: every option in
+    its range (:func:`validate_strategy_config`), then a schedule that densifies (:func:`check_strategy_schedule`).
+
+    ``renderer_cfg``: the ``gsplat-rasterizer`` settings (``absgrad`` / ``packed`` must match), ``{}`` for another
+    renderer.
+    """
+    validate_strategy_config(dict(cfg or {}), dict(renderer_cfg or {}), prefix, renderer_prefix)
+    check_strategy_schedule(cfg, prefix)
 
 
 class GroupView:

@@ -8,7 +8,6 @@ stored shapes (checkpoints of densified models load into a freshly initialised g
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -21,6 +20,7 @@ from threestudio.models.geometry.base import BaseGeometry
 
 from scoredistill._registry import register
 from scoredistill.geometry import gaussians as G
+from scoredistill.settings import INF, check_range, in_range, parse_settings
 
 INIT_METHODS = ("sphere", "box", "point_cloud", "mesh", "shap_e", "ply", "empty")
 
@@ -87,7 +87,7 @@ class GsplatGaussianSplatting(BaseGeometry):
 
     # ------------------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        check_gaussian_geometry_config(self.cfg, prefix=getattr(self, "_setting_prefix", "system.geometry"))
+        self.validate_settings(self.cfg, prefix=getattr(self, "_setting_prefix", "system.geometry"))
 
     def _initial_params(self) -> Dict[str, torch.Tensor]:
         c = self.cfg
@@ -198,69 +198,51 @@ class GsplatGaussianSplatting(BaseGeometry):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
+    @classmethod
+    def validate_settings(cls, cfg: Any, prefix: str = "system.geometry") -> "GsplatGaussianSplatting.Config":
+        """Parse and check a ``gsplat-gaussian-splatting`` config (``system.geometry``) without loading anything.
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        Every number must be finite (:func:`scoredistill.settings.check_range`); ``init_path`` must exist for the
+        file initialisers and ``shap_e_prompt`` be given for ``init: shap_e``.  Returns the parsed ``Config``.
 
+        Raises:
+            ValueError: naming the full dotted setting (``{prefix}.init_radius``, ...) and its allowed range.
+        """
+        c = parse_settings(cls.Config, cfg, prefix)
 
-def check_gaussian_geometry_config(c, prefix: str = "system.geometry") -> None:
-    """Validate a ``gsplat-gaussian-splatting`` config (parsed ``Config`` or dict-like) without loading anything.
+        def num(name, low=-INF, high=INF, open_low=False, open_high=False, integer=False, optional=False):
+            check_range(getattr(c, name), f"{prefix}.{name}", low, high, open_low, open_high, integer, optional)
 
-    Every number must be finite (NaN passes ``x <= 0`` checks, so finiteness is tested first).
-
-    Raises:
-        ValueError: naming the full dotted setting (``{prefix}.init_radius``, ...) and its allowed range.
-    """
-    def get(name):
-        return getattr(c, name) if not isinstance(c, dict) else c.get(name, getattr(GsplatGaussianSplatting.Config, name, None))
-
-    def num(name, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, allow_none=False):
-        v = get(name)
-        if v is None and allow_none:
-            return
-        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
-        kind = "an integer" if integer else "a finite number"
-        ok = _finite(v) and (not integer or float(v).is_integer())
-        if ok and lo is not None:
-            ok = v > lo if lo_open else v >= lo
-        if ok and hi is not None:
-            ok = v < hi if hi_open else v <= hi
-        if not ok:
-            raise ValueError(f"{prefix}.{name} must be {kind} in {rng}{' or null' if allow_none else ''}, got {v!r}")
-
-    init = get("init")
-    if init not in INIT_METHODS:
-        raise ValueError(f"{prefix}.init must be one of {INIT_METHODS}, got {init!r}")
-    sh = get("sh_degree")
-    if not (_finite(sh) and float(sh).is_integer() and 0 <= sh <= 3):
-        raise ValueError(f"{prefix}.sh_degree must be in 0..3 (an integer), got {sh!r}")
-    num("sh_degree_interval", integer=True)
-    num("initial_active_sh_degree", 0, 3, integer=True, allow_none=True)
-    if init in ("point_cloud", "mesh", "ply"):
-        path = get("init_path")
-        if not path:
-            raise ValueError(f"{prefix}.init={init!r} needs {prefix}.init_path")
-        if not os.path.isfile(str(path)):
-            raise ValueError(f"{prefix}.init_path = {str(path)!r}: no such file")
-    if init == "shap_e":
-        prompt = get("shap_e_prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{prefix}.init='shap_e' needs {prefix}.shap_e_prompt (a non-empty text), got {prompt!r}")
-    num("num_points", 1, integer=True)
-    num("init_opacity", 0.0, 1.0, lo_open=True, hi_open=True)
-    num("init_radius", 0.0, lo_open=True)
-    num("init_scale", 0.0, lo_open=True, allow_none=True)
-    num("upsample_to", 0, integer=True)
-    num("upsample_jitter", 0.0)
-    num("upsample_color_jitter", 0.0)
-    num("init_rotation_deg_z")
-    num("init_scale_factor", 0.0, lo_open=True)
-    num("shap_e_guidance_scale", 0.0, lo_open=True)
-    num("shap_e_num_inference_steps", 1, integer=True)
-    num("shap_e_frame_size", 8, integer=True)
-    offset = get("init_offset")
-    if offset is None or len(offset) != 3 or not all(_finite(v) for v in offset):
-        raise ValueError(f"{prefix}.init_offset must be 3 finite numbers, got {offset!r}")
-    color = get("init_color")
-    if color is not None and (len(color) != 3 or not all(_finite(v) and 0.0 <= v <= 1.0 for v in color)):
-        raise ValueError(f"{prefix}.init_color must be 3 values in [0, 1] or null, got {color!r}")
+        if c.init not in INIT_METHODS:
+            raise ValueError(f"{prefix}.init must be one of {INIT_METHODS}, got {c.init!r}")
+        num("sh_degree", 0, 3, integer=True)
+        num("sh_degree_interval", integer=True)
+        num("initial_active_sh_degree", 0, 3, integer=True, optional=True)
+        if c.init in ("point_cloud", "mesh", "ply"):
+            if not c.init_path:
+                raise ValueError(f"{prefix}.init={c.init!r} needs {prefix}.init_path")
+            if not os.path.isfile(str(c.init_path)):
+                raise ValueError(f"{prefix}.init_path = {str(c.init_path)!r}: no such file")
+        if c.init == "shap_e":
+            prompt = c.shap_e_prompt
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{prefix}.init='shap_e' needs {prefix}.shap_e_prompt (a non-empty text), got {prompt!r}")
+        num("num_points", 1, integer=True)
+        num("init_opacity", 0.0, 1.0, open_low=True, open_high=True)
+        num("init_radius", 0, open_low=True)
+        num("init_scale", 0, open_low=True, optional=True)
+        num("upsample_to", 0, integer=True)
+        num("upsample_jitter", 0)
+        num("upsample_color_jitter", 0)
+        num("init_rotation_deg_z")
+        num("init_scale_factor", 0, open_low=True)
+        num("shap_e_guidance_scale", 0, open_low=True)
+        num("shap_e_num_inference_steps", 1, integer=True)
+        num("shap_e_frame_size", 8, integer=True)
+        offset = c.init_offset
+        if offset is None or len(offset) != 3 or not all(in_range(v) for v in offset):
+            raise ValueError(f"{prefix}.init_offset must be 3 finite numbers, got {offset!r}")
+        color = c.init_color
+        if color is not None and (len(color) != 3 or not all(in_range(v, 0.0, 1.0) for v in color)):
+            raise ValueError(f"{prefix}.init_color must be 3 values in [0, 1] or null, got {color!r}")
+        return c

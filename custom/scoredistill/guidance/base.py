@@ -46,6 +46,7 @@ from ..core.diffusion import (
 )
 from .checkpointing import CheckpointedGuidanceMixin
 from .memory import load_models as load_memory_options_models
+from ..settings import check_range, in_range
 from .memory import validate_memory_options
 from .checkpointing import CheckpointedGuidanceMixin, attach_resume_check, find_calling_lightning_module
 from .finite import clone_state, get_finite_guard, install_finite_guard, validate_max_nonfinite_skips
@@ -171,22 +172,20 @@ class ScoreDistillationGuidance(BaseObject):
             raise ValueError("pretrained_model_name_or_path must be a non-empty hub id or folder")
         gs = cfg.guidance_scale
         inf_ok = self.allows_infinite_guidance_scale and isinstance(gs, (int, float)) and gs == math.inf
-        if not inf_ok and (not isinstance(gs, (int, float)) or not math.isfinite(gs) or gs <= 0):
-            allowed = "a finite number > 0 or inf" if self.allows_infinite_guidance_scale else "a finite number > 0"
-            raise ValueError(f"guidance_scale must be {allowed}, got {gs!r}")
+        if not inf_ok:
+            check_range(gs, "guidance_scale", 0, open_low=True, note=" or inf" if self.allows_infinite_guidance_scale else "")
         if cfg.weighting_strategy not in self.weighting_strategies:
             raise ValueError(
                 f"weighting_strategy must be one of {self.weighting_strategies}, got {cfg.weighting_strategy!r}"
             )
-        if not isinstance(cfg.trainer_max_steps, int) or cfg.trainer_max_steps < 1:
-            raise ValueError(f"trainer_max_steps must be an integer >= 1, got {cfg.trainer_max_steps!r}")
+        check_range(cfg.trainer_max_steps, "trainer_max_steps", 1, integer=True)
         if not isinstance(cfg.image_size, int) or cfg.image_size < 8 or cfg.image_size % 8:
             raise ValueError(f"image_size must be a positive multiple of 8, got {cfg.image_size!r}")
         steps = sorted(_milestones(cfg.min_step_percent, cfg.trainer_max_steps) | _milestones(cfg.max_step_percent, cfg.trainer_max_steps))
         lo_vals = _schedule_values_named("min_step_percent", cfg.min_step_percent, steps)
         hi_vals = _schedule_values_named("max_step_percent", cfg.max_step_percent, steps)
         for name, vals in (("min_step_percent", lo_vals), ("max_step_percent", hi_vals)):
-            if any(not 0.0 <= v <= 1.0 for v in vals):
+            if not all(in_range(v, 0, 1) for v in vals):
                 raise ValueError(f"{name} must be in [0, 1] at every step, got {vals} at steps {steps}")
         for st, lo, hi in zip(steps, lo_vals, hi_vals):
             if lo > hi:
@@ -409,7 +408,7 @@ class ScoreDistillationGuidance(BaseObject):
         """Each guidance's ``validate_config`` raises with the full setting name (``system.guidance.guidance_scale``).
 
         The (own or inherited) ``validate_config`` of every subclass is wrapped once with
-        :func:`scoredistill.validation.run_qualified`, which rewrites the first bare field name of the message.
+        :func:`scoredistill.settings.run_qualified`, which rewrites the first bare field name of the message.
         """
         super().__init_subclass__(**kwargs)
         fn = getattr(cls, "validate_config")
@@ -417,7 +416,7 @@ class ScoreDistillationGuidance(BaseObject):
             return  # inherited an already wrapped one
 
         def validate_config(self, _fn=fn):
-            from ..validation import run_qualified
+            from ..settings import run_qualified
 
             run_qualified(lambda: _fn(self), "system.guidance", type(self).Config)
 

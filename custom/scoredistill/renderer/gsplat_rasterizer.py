@@ -8,7 +8,6 @@ batch, recomputed from the cameras if absent): ``comp_rgb = comp_rgb_fg + (1 - o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,27 +17,7 @@ from threestudio.models.renderers.base import Rasterizer
 from scoredistill._registry import register
 from scoredistill.renderer.gsplat_cameras import camera_ray_directions, threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import RASTERIZE_MODES, rasterize
-
-
-def check_rasterizer_config(c, prefix: str = "system.renderer") -> None:
-    """Validate a ``gsplat-rasterizer`` config (every number finite); raises ``ValueError`` naming the setting."""
-    def finite(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if c.backend not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"{prefix}.backend must be 'auto', 'cuda' or 'cpu', got {c.backend!r}")
-    if c.rasterize_mode not in RASTERIZE_MODES:
-        raise ValueError(f"{prefix}.rasterize_mode must be one of {RASTERIZE_MODES}, got {c.rasterize_mode!r}")
-    if not (finite(c.near_plane) and finite(c.far_plane) and 0 < c.near_plane < c.far_plane):
-        raise ValueError(
-            f"{prefix} needs finite 0 < {prefix}.near_plane < {prefix}.far_plane, got {c.near_plane}, {c.far_plane}"
-        )
-    if not (finite(c.eps2d) and c.eps2d >= 0):
-        raise ValueError(f"{prefix}.eps2d must be a finite number >= 0, got {c.eps2d!r}")
-    if not (finite(c.radius_clip) and c.radius_clip >= 0):
-        raise ValueError(f"{prefix}.radius_clip must be a finite number >= 0, got {c.radius_clip!r}")
-    if not (isinstance(c.tile_size, int) and c.tile_size >= 1):
-        raise ValueError(f"{prefix}.tile_size must be an integer >= 1, got {c.tile_size!r}")
+from scoredistill.settings import check_range, in_range, parse_settings
 
 
 @register("gsplat-rasterizer")
@@ -60,8 +39,29 @@ class GsplatRasterizer(Rasterizer):
 
     cfg: Config
 
+    @classmethod
+    def validate_settings(cls, cfg, prefix: str = "system.renderer") -> "GsplatRasterizer.Config":
+        """Parse and check a ``gsplat-rasterizer`` config (every number finite); returns the parsed ``Config``.
+
+        Raises:
+            ValueError: naming the full dotted setting (``{prefix}.eps2d``, ...) and its allowed range.
+        """
+        c = parse_settings(cls.Config, cfg, prefix)
+        if c.backend not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"{prefix}.backend must be 'auto', 'cuda' or 'cpu', got {c.backend!r}")
+        if c.rasterize_mode not in RASTERIZE_MODES:
+            raise ValueError(f"{prefix}.rasterize_mode must be one of {RASTERIZE_MODES}, got {c.rasterize_mode!r}")
+        if not (in_range(c.near_plane, 0, open_low=True) and in_range(c.far_plane) and c.near_plane < c.far_plane):
+            raise ValueError(
+                f"{prefix} needs finite 0 < {prefix}.near_plane < {prefix}.far_plane, got {c.near_plane}, {c.far_plane}"
+            )
+        check_range(c.eps2d, f"{prefix}.eps2d", 0)
+        check_range(c.radius_clip, f"{prefix}.radius_clip", 0)
+        check_range(c.tile_size, f"{prefix}.tile_size", 1, integer=True)
+        return c
+
     def configure(self, geometry, material, background) -> None:
-        check_rasterizer_config(self.cfg)
+        self.validate_settings(self.cfg)
         super().configure(geometry, material, background)
 
     def forward(self, c2w, fovy, height: int, width: int, rays_d=None, **kwargs):

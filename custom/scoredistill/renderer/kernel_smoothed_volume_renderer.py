@@ -26,7 +26,7 @@ mask to it, once), ``comp_normal`` (if the geometry outputs normals), and in tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import nerfacc
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from threestudio.models.renderers.base import VolumeRenderer
 
 from .._registry import register
+from ..settings import check_range, parse_settings, run_qualified
 from ..core.hifa import KS_PADDINGS, kernel_smooth, ray_depth_statistics, resolve_kernel, sample_pdf
 
 
@@ -80,26 +81,35 @@ class KernelSmoothedVolumeRenderer(VolumeRenderer):
 
     cfg: Config
 
-    def configure(self, geometry, material, background) -> None:
-        cfg = self.cfg
-        if not isinstance(cfg.num_samples_per_ray, int) or cfg.num_samples_per_ray < 2:
-            raise ValueError(f"num_samples_per_ray must be an integer >= 2, got {cfg.num_samples_per_ray!r}")
-        if not isinstance(cfg.num_samples_per_ray_importance, int) or cfg.num_samples_per_ray_importance < 0:
-            raise ValueError(
-                f"num_samples_per_ray_importance must be an integer >= 0, got {cfg.num_samples_per_ray_importance!r}"
-            )
+    @classmethod
+    def validate_settings(cls, cfg, prefix: str = "system.renderer") -> "KernelSmoothedVolumeRenderer.Config":
+        """The parsed config, checked: at least 2 coarse and 0 fine samples per ray, a known kernel and padding,
+        ``far_plane > near_plane >= 0``, ``eval_chunk_size >= 1``; a ``ValueError`` names ``{prefix}.<setting>``."""
+        c = parse_settings(cls.Config, cfg, prefix)
+        check_range(c.num_samples_per_ray, f"{prefix}.num_samples_per_ray", 2, integer=True)
+        check_range(c.num_samples_per_ray_importance, f"{prefix}.num_samples_per_ray_importance", 0, integer=True)
+        run_qualified(lambda: cls.kernel_of(c), prefix, cls.Config)
+        if c.kernel_padding not in KS_PADDINGS:
+            raise ValueError(f"{prefix}.kernel_padding must be one of {KS_PADDINGS}, got {c.kernel_padding!r}")
+        if not (c.far_plane > c.near_plane >= 0.0):
+            raise ValueError(f"{prefix}: need far_plane > near_plane >= 0, got near_plane={c.near_plane}, "
+                             f"far_plane={c.far_plane}")
+        check_range(c.eval_chunk_size, f"{prefix}.eval_chunk_size", 1, integer=True)
+        return c
+
+    @staticmethod
+    def kernel_of(cfg) -> Optional[Tuple[float, ...]]:
+        """The smoothing kernel of ``cfg.kernel_smoothing`` (HiFA's kernels, ``resolve_kernel``)."""
         kernel = cfg.kernel_smoothing
         if not isinstance(kernel, (str, type(None))):
             kernel = list(kernel)
-        self.kernel = resolve_kernel(kernel)  # raises ValueError on a bad kernel
-        if cfg.kernel_padding not in KS_PADDINGS:
-            raise ValueError(f"kernel_padding must be one of {KS_PADDINGS}, got {cfg.kernel_padding!r}")
-        if not (cfg.far_plane > cfg.near_plane >= 0.0):
-            raise ValueError(f"need far_plane > near_plane >= 0, got near_plane={cfg.near_plane}, far_plane={cfg.far_plane}")
-        if cfg.eval_chunk_size < 1:
-            raise ValueError(f"eval_chunk_size must be >= 1, got {cfg.eval_chunk_size}")
+        return resolve_kernel(kernel)  # raises ValueError on a bad kernel
+
+    def configure(self, geometry, material, background) -> None:
+        cfg = self.validate_settings(self.cfg)
+        self.kernel = self.kernel_of(cfg)
         super().configure(geometry, material, background)
-        self.randomized = cfg.randomized
+        self.randomized = self.cfg.randomized
 
     # ------------------------------------------------------------------ sampling
     def _geometry_at(self, positions: torch.Tensor) -> Dict[str, torch.Tensor]:

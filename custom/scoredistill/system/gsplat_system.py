@@ -40,6 +40,7 @@ from scoredistill._registry import register
 from scoredistill.core.sync import log_host
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
+from scoredistill.settings import check_range
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
 from scoredistill.guidance.checkpointing import attach_resume_check
 from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, get_finite_guard, install_finite_guard
@@ -108,13 +109,9 @@ class GsplatSystem(BaseLift3DSystem):
         defer_config_snapshot(getattr(self, "_trainer", None))
 
     def _position_lr(self, step: int) -> float:
-        import math
-
         p = dict(self.cfg.position_lr)
         for key in ("lr_init", "lr_final", "max_steps", "delay_steps", "delay_mult"):
-            v = p.get(key)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
-                raise ValueError(f"system.position_lr.{key} must be a finite number, got {v!r}")
+            check_range(p.get(key), f"system.position_lr.{key}", optional=True)
         return scheduled_lr(
             step,
             float(p.get("lr_init", DEFAULT_LRS["means"])),

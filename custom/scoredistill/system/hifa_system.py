@@ -48,6 +48,7 @@ from threestudio.utils.ops import binary_cross_entropy, dot
 
 from .._registry import register
 from ..core.sync import log_host
+from ..settings import check_range
 from ..validation import defer_config_snapshot, validate_system_settings
 from ..guidance.checkpointing import attach_resume_check
 from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
@@ -136,8 +137,7 @@ class HiFASystem(DreamFusion):
             raise ValueError(
                 f"system.random_step_percent_range must be [min, max] with 0 <= min <= max <= 1, got {rr}"
             )
-        if not isinstance(cfg.anneal_total_steps, int) or cfg.anneal_total_steps < 1:
-            raise ValueError(f"system.anneal_total_steps must be an integer >= 1, got {cfg.anneal_total_steps!r}")
+        check_range(cfg.anneal_total_steps, "system.anneal_total_steps", 1, integer=True)
         if cfg.z_variance_reduction not in ZVAR_REDUCTIONS:
             raise ValueError(f"system.z_variance_reduction must be one of {ZVAR_REDUCTIONS}, got {cfg.z_variance_reduction!r}")
         if cfg.disparity_loss not in DISPARITY_LOSSES:
@@ -149,11 +149,8 @@ class HiFASystem(DreamFusion):
         if cfg.disparity_schedule not in DISPARITY_SCHEDULES:
             raise ValueError(f"system.disparity_schedule must be one of {DISPARITY_SCHEDULES}, got {cfg.disparity_schedule!r}")
         for name in ("z_variance_opacity_threshold", "disparity_opacity_threshold"):
-            v = getattr(cfg, name)
-            if not (0.0 <= v < 1.0):
-                raise ValueError(f"system.{name} must be in [0, 1), got {v}")
-        if cfg.disparity_image_size is not None and cfg.disparity_image_size < 8:
-            raise ValueError(f"system.disparity_image_size must be >= 8 or null, got {cfg.disparity_image_size}")
+            check_range(getattr(cfg, name), f"system.{name}", 0, 1, open_high=True)
+        check_range(cfg.disparity_image_size, "system.disparity_image_size", 8, integer=True, optional=True)
 
     def configure(self) -> None:
         self.validate_hifa_config()
