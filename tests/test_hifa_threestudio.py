@@ -57,7 +57,7 @@ def _torch_volume(ts):
 
 
 def test_renderer_outputs_gradients_and_z_variance(threestudio_module):
-    from scoredistill.core.hifa import ray_depth_statistics
+    from scoredistill.maths.hifa import ray_depth_statistics
 
     ts = threestudio_module
     torch.manual_seed(0)
@@ -435,7 +435,7 @@ def _fake_system(sys_cls, **cfg):
 def test_system_applies_the_z_variance_mask_once(threestudio_module):
     """A system threshold below the renderer's 0.5 takes effect (the unmasked output is masked once, by the
     system); with a renderer that only has the masked output such a threshold is refused."""
-    from scoredistill.core.hifa import z_variance_loss_from_maps
+    from scoredistill.maths.hifa import z_variance_loss_from_maps
 
     sys_cls = threestudio_module.find("hifa-system")
     opacity = torch.tensor([0.2, 0.4, 0.45, 0.7, 0.9]).view(1, 5, 1, 1)
@@ -455,7 +455,7 @@ def test_system_applies_the_z_variance_mask_once(threestudio_module):
 
 
 def test_renderer_outputs_unmasked_z_variance(threestudio_module):
-    from scoredistill.core.hifa import ray_depth_statistics
+    from scoredistill.maths.hifa import ray_depth_statistics
 
     r = _renderer(threestudio_module, ShellGeometry(), num_samples_per_ray=32, num_samples_per_ray_importance=16)
     r.train()
@@ -493,7 +493,7 @@ def test_system_dpt_input_and_disparity_through_an_analytic_depth_model(threestu
     import json
     import types
 
-    from scoredistill.core.hifa import disparity_fit_loss, disparity_pearson_loss, dpt_preprocess
+    from scoredistill.maths.hifa import disparity_fit_loss, disparity_pearson_loss, dpt_preprocess
 
     sys_cls = threestudio_module.find("hifa-system")
     with open(tmp_path / "preprocessor_config.json", "w") as f:

@@ -14,7 +14,7 @@ everything the pack's guidances share, once:
   and :meth:`predict_noise_cfg` (CFG or Perp-Neg in ONE batched UNet call);
 * timestep range from (scheduled) ``min/max_step_percent``, :meth:`sample_timesteps`, :meth:`update_step`;
 * ``__call__``: renders → latents → the subclass's :meth:`compute_grad` → ``loss_sds`` (threestudio's
-  reparameterisation, :func:`scoredistill.core.diffusion.grad_to_loss`), ``grad_norm`` and the subclass's logs.
+  reparameterisation, :func:`scoredistill.maths.diffusion.grad_to_loss`), ``grad_norm`` and the subclass's logs.
 
 :class:`CheckpointedScoreDistillationGuidance` adds a guidance's own trainable state to the system's Lightning
 checkpoints (:mod:`scoredistill.guidance.checkpointing`; used by ``lods-guidance`` and ``vdm-guidance``).
@@ -36,7 +36,7 @@ import threestudio
 from threestudio.utils.base import BaseObject
 from threestudio.utils.misc import C, config_to_primitive
 
-from ..core.diffusion import (
+from ..maths.diffusion import (
     WEIGHTING_STRATEGIES,
     cfg_combine,
     grad_to_loss,
@@ -157,7 +157,7 @@ class ScoreDistillationGuidance(BaseObject):
     cfg: Config
 
     #: the ``weighting_strategy`` values :meth:`validate_config` accepts (subclasses may extend it, e.g.
-    #: ``vdm-guidance`` adds ``"luciddreamer"``; see :func:`scoredistill.core.diffusion.sds_weight`)
+    #: ``vdm-guidance`` adds ``"luciddreamer"``; see :func:`scoredistill.maths.diffusion.sds_weight`)
     weighting_strategies: Tuple[str, ...] = WEIGHTING_STRATEGIES
     #: whether ``guidance_scale: .inf`` is accepted (a guidance whose maths has the s → ∞ limit, e.g.
     #: ``lods-guidance``'s 2D setting, paper A.1); the base's own CFG combination never sees it then
@@ -443,7 +443,7 @@ class ScoreDistillationGuidance(BaseObject):
         """Render ``(B, H, W, 3)`` (or 4 latent channels with ``rgb_as_latents``) → guidance outputs.
 
         Returns ``{"loss_sds", "grad_norm", "min_step", "max_step", **subclass logs}``, where
-        ``d loss_sds / d latents = grad / B`` (:func:`scoredistill.core.diffusion.grad_to_loss`).
+        ``d loss_sds / d latents = grad / B`` (:func:`scoredistill.maths.diffusion.grad_to_loss`).
         """
         kwargs.pop("guidance_eval", None)
         guard = self.finite_guard

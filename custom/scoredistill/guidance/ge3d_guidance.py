@@ -12,9 +12,9 @@ from typing import Any, List, Optional
 import torch
 
 from .._registry import register
-from ..core.sync import host_only
+from ..sync import host_only
 from .base import ScoreDistillationGuidance, _primitive
-from .ge3d import (
+from ..maths.ge3d import (
     annealed_trajectory_params,
     dbc_weights,
     ge3d_grad,

@@ -9,7 +9,7 @@ Outputs (weighted by the system's ``lambda_*``, threestudio naming):
 
 * ``loss_sds``: the latent term ``ω(t)‖z - ẑ‖²`` through the base's reparameterisation, i.e. its gradient
   on z is ``2ω(t)(z - ẑ) = w(t) α_t/σ_t (z - ẑ)`` -- with the Tweedie target exactly DreamFusion's SDS
-  gradient ``w(t)(ε̂ - ε)`` (Eq. 2), ω from :func:`scoredistill.core.hifa.omega_weight`;
+  gradient ``w(t)(ε̂ - ε)`` (Eq. 2), ω from :func:`scoredistill.maths.hifa.omega_weight`;
 * ``loss_sds_img`` (with ``use_img_loss``): the image term ``ω(t)‖x - x̂‖²`` (its value is Eq. 4's image
   term; its gradient equals threestudio's ``use_img_loss`` image gradient); λ_rgb is the system's
   ``lambda_sds_img`` (0.1);
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import register
-from ..core.diffusion import add_noise
-from ..core.sync import to_device
-from ..core.hifa import DENOISED_TARGETS, OMEGA_WEIGHTINGS, ddim_denoise, ddim_stride, omega_weight, tweedie_denoise
+from ..maths.diffusion import add_noise
+from ..sync import to_device
+from ..maths.hifa import DENOISED_TARGETS, OMEGA_WEIGHTINGS, ddim_denoise, ddim_stride, omega_weight, tweedie_denoise
 from .base import ScoreDistillationGuidance
 
 
@@ -60,7 +60,7 @@ class HiFAGuidance(ScoreDistillationGuidance):
 
     cfg: Config
 
-    #: ω(t) strategies (:func:`scoredistill.core.hifa.omega_weight`): the base's plus "constant" (ω = 1/2,
+    #: ω(t) strategies (:func:`scoredistill.maths.hifa.omega_weight`): the base's plus "constant" (ω = 1/2,
     #: HiFA's reference code's constant weight; scale it with lambda_sds / lambda_sds_img)
     weighting_strategies = OMEGA_WEIGHTINGS
 

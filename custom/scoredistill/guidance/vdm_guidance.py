@@ -1,7 +1,7 @@
 """threestudio guidance ``vdm-guidance``: DreamMapping's variational distribution mapping (VDM) with
 distribution coefficient annealing (DCA).
 
-Thin adapter over :mod:`scoredistill.guidance.vdm` (the maths: Eq. 17-19, the operator ``M_ψ``) on the pack's
+Thin adapter over :mod:`scoredistill.maths.vdm` (the maths: Eq. 17-19, the operator ``M_ψ``) on the pack's
 shared :class:`scoredistill.guidance.base.ScoreDistillationGuidance` (SD loading, text embeddings, timesteps,
 ``loss_sds``).  Per call with ``B`` views (Alg. 1):
 
@@ -37,9 +37,9 @@ import threestudio
 
 from .._registry import register
 from ..distributed import broadcast_, convert_batchnorm, is_distributed, module_state_tensors
-from ..core.diffusion import add_noise
+from ..maths.diffusion import add_noise
 from .base import CheckpointedScoreDistillationGuidance
-from .vdm import (
+from ..maths.vdm import (
     DEFAULT_DCA_CUTOFF,
     DEFAULT_OPERATOR_LR,
     DEFAULT_ULITE_WIDTHS,

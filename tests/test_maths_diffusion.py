@@ -1,10 +1,10 @@
-"""Unit tests of scoredistill.core.diffusion (no threestudio): values against independent formulas/diffusers."""
+"""Unit tests of scoredistill.maths.diffusion (no threestudio): values against independent formulas/diffusers."""
 import math
 
 import pytest
 import torch
 
-from scoredistill.core import diffusion as D
+from scoredistill.maths import diffusion as D
 from scoredistill.testing.exact_score_prior import sd_alphas_cumprod
 
 AC = sd_alphas_cumprod().float()

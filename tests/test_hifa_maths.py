@@ -1,11 +1,11 @@
-"""HiFA maths (scoredistill.core.hifa) against the paper's equations, computed independently."""
+"""HiFA maths (scoredistill.maths.hifa) against the paper's equations, computed independently."""
 import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from scoredistill.core import hifa
+from scoredistill.maths import hifa
 from scoredistill.testing.exact_score_prior import sd_alphas_cumprod
 from scoredistill.testing.tiny_models import SD_SCHEDULER_CONFIG
 

@@ -27,7 +27,7 @@ Terms
 * editing (Alg. 1 lines 4-11, Eq. 14), shared ε and camera, source render ``x_0^src`` of a frozen model:
     ``grad = ω(t) · ( x̂_0^tgt − x̂_0^src + w·(δ^cls_{x_t^tgt}(y_tgt) − δ^cls_{x_t^src}(y_src)) )``
   applied to the target only (the source latents are detached).
-* ω(t): :func:`scoredistill.core.diffusion.sds_weight` (the paper leaves ω(t) unspecified; Eq. 19 applies
+* ω(t): :func:`scoredistill.maths.diffusion.sds_weight` (the paper leaves ω(t) unspecified; Eq. 19 applies
   it to both terms, which is what is done here).
 
 UNet cost per step (B views, n = ddim_steps; tweedie ≡ n = 1), each row one batched call:
@@ -43,7 +43,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, ddim_step, sds_weight, tweedie_x0
+from .diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, ddim_step, sds_weight, tweedie_x0
 
 MODES = ("generation", "editing")
 X0_ESTIMATORS = ("tweedie", "ddim")
@@ -238,7 +238,7 @@ def uds_generation_grad(
         guidance_scale: ``w`` (paper 7.5); interval: ``c`` (``t − c`` clamped at 0).
         x0_estimator: ``"tweedie"`` (Eq. 10) or ``"ddim"`` (Eq. 15, ``ddim_steps`` UNet calls per chain).
         recon_sign: ``"printed"`` (x̂_0^t − x̂_0^{t−c}, Eq. 16) or ``"reversed"`` (x̂_0^{t−c} − x̂_0^t).
-        weighting_strategy: ω(t), see :func:`scoredistill.core.diffusion.sds_weight`.
+        weighting_strategy: ω(t), see :func:`scoredistill.maths.diffusion.sds_weight`.
         noise: the shared ε (default ``torch.randn(latents.shape)``, independent of memory layout).
     Returns:
         :class:`UDSTerms` (``x0_a`` = x̂_0^t, ``x0_b`` = x̂_0^{t−c}); ``unet_calls`` = ``1`` (tweedie) or

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .sync import to_device
+from ..sync import to_device
 
 Timestep = Union[int, torch.Tensor]
 
@@ -191,7 +191,7 @@ def sds_weight(
 
     ``"sds"``: ``1 − ᾱ_t`` (DreamFusion / threestudio default); ``"uniform"``: 1;
     ``"fantasia3d"``: ``sqrt(ᾱ_t)(1 − ᾱ_t)``; ``"luciddreamer"``: ``sqrt((1 − ᾱ_t)/ᾱ_t)`` (only if in ``allowed``,
-    e.g. DreamMapping's :data:`scoredistill.guidance.vdm.VDM_WEIGHTINGS`).
+    e.g. DreamMapping's :data:`scoredistill.maths.vdm.VDM_WEIGHTINGS`).
 
     Raises:
         ValueError: ``strategy`` not in ``allowed`` (a subset of :data:`ALL_WEIGHTING_STRATEGIES`).

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .sync import host_only, to_device
+from ..sync import host_only, to_device
 
 # ----------------------------------------------------------------------------------------------
 # SDS+ (Eq. 2-4)

@@ -30,9 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..core.sync import host_only, to_device
+from ..sync import host_only, to_device
 
-from ..core.diffusion import add_noise, ddim_step, linear_anneal
+from .diffusion import add_noise, ddim_step, linear_anneal
 
 #: ``eps_fn(x (B,C,H,W), t: int) -> ε (B,C,H,W)``
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
