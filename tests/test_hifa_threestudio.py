@@ -229,6 +229,51 @@ def test_hifa_guidance_ddim_target_and_unet_count(threestudio_module, tiny_sd, p
     torch.testing.assert_close(out["grad"], 2 * omega * (latents - z), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["tweedie", "ddim"])
+def test_hifa_guidance_outputs_are_its_eq4_functions(threestudio_module, tiny_sd, prompt_utils, target):
+    """The adapter's SDS+ outputs are ``sds_plus_loss`` (Eq. 4) and ``sds_plus_grad`` of its own inputs, bit for bit:
+    the same ẑ (same noise, same batched UNet calls), x̂ = D(ẑ) and ω(t)."""
+    from scoredistill.maths import hifa
+    from scoredistill.maths.diffusion import add_noise, tweedie_x0
+
+    ts = threestudio_module
+    g = _guidance(ts, tiny_sd, denoised_target=target, ddim_eta=0.0)
+    B = 2
+    t = torch.tensor([300, 700]) if target == "tweedie" else torch.tensor([620, 620])
+    g.sample_timesteps = lambda n, generator=None, device=None: t
+    elev, azim, dist = torch.zeros(B), torch.zeros(B), torch.full((B,), 2.0)
+    latents = torch.randn(B, 4, 16, 16).requires_grad_(True)
+    image = torch.rand(B, 3, 32, 32).requires_grad_(True)
+    torch.manual_seed(11)
+    out = g.compute_grad(latents, prompt_utils, elev, azim, dist, hifa_image=image)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        noise = torch.randn_like(latents)
+        latents_noisy = add_noise(latents.detach(), noise, g.alphas_cumprod, t)
+        emb = g.text_embeddings_for(prompt_utils, elev, azim, dist)
+
+        def noise_pred_fn(x, tt, idx=None):
+            return g.predict_noise_cfg(x, tt, prompt_utils, elev, azim, dist, text_embeddings=emb)["noise_pred"]
+
+        if target == "tweedie":
+            latents_denoised = tweedie_x0(latents_noisy, noise_pred_fn(latents_noisy, t), g.alphas_cumprod, t)
+        else:
+            latents_denoised, _ = hifa.ddim_denoise(noise_pred_fn, latents_noisy, t, g.ddim_scheduler, 0.25, 0.0)
+        image_denoised = torch.nn.functional.interpolate(g.decode_latents(latents_denoised), (32, 32), mode="bilinear",
+                                                         align_corners=False)
+    omega = hifa.omega_weight(g.alphas_cumprod, t, g.cfg.weighting_strategy)
+    ref = hifa.sds_plus_loss(latents, latents_denoised, omega, image, image_denoised)
+    assert torch.equal(out["grad"], hifa.sds_plus_grad(latents, latents_denoised, omega))
+    assert torch.equal(out["sds_latent_residual"], ref["loss_latent"].detach())
+    assert torch.equal(out["loss_sds_img"], ref["loss_image"])
+    (gi,) = torch.autograd.grad(out["loss_sds_img"], image)
+    (gi_ref,) = torch.autograd.grad(ref["loss_image"], image)
+    assert torch.equal(gi, gi_ref)
+    # the latent gradient is B times that of Eq. 4's batch-mean latent term (the base divides by B again)
+    (gz,) = torch.autograd.grad(ref["loss_latent"], latents)
+    torch.testing.assert_close(out["grad"] / B, gz)
+
+
 def test_hifa_guidance_rejects_bad_config_before_loading(threestudio_module):
     ts = threestudio_module
     for kw, name in [({"ddim_step_ratio": 0.3}, "ddim_step_ratio"), ({"denoised_target": "x0"}, "denoised_target"),

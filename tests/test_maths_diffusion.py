@@ -118,7 +118,6 @@ def test_timestep_helpers():
     assert D.linear_anneal(480, 300, 0, 100) == 480
     assert D.linear_anneal(480, 300, 50, 100) == 390
     assert D.linear_anneal(480, 300, 200, 100) == 300
-    assert D.sqrt_anneal_timestep(980, 20, 25, 100) == pytest.approx(980 - 960 * 0.5)
 
 
 def test_perp_neg_combine():

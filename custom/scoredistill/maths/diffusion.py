@@ -20,13 +20,12 @@ Contents:
 * :func:`sds_weight` -- w(t) of SDS (``sds`` = 1-ᾱ_t, ``uniform`` = 1, ``fantasia3d`` = sqrt(ᾱ_t)(1-ᾱ_t);
   on request ``luciddreamer`` = sqrt((1-ᾱ_t)/ᾱ_t)).
 * timestep helpers: :func:`percent_to_step`, :func:`step_range`, :func:`sample_timesteps`,
-  :func:`linear_anneal`, :func:`sqrt_anneal_timestep`.
+  :func:`linear_anneal` (HiFA's Eq. 5 schedule is :func:`scoredistill.maths.hifa.annealed_timestep`).
 * :func:`predict_cond_uncond` -- ``(ε(x_t; y), ε(x_t; ∅))`` in one batched (2B) noise-prediction call.
 * :func:`sds_grad` -- plain SDS (DreamFusion) gradient with CFG, used as the baseline in benchmarks/tests.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -248,12 +247,6 @@ def linear_anneal(start: float, end: float, step: int, total_steps: int) -> floa
         return float(end)
     r = min(max(step / total_steps, 0.0), 1.0)
     return float(start + (end - start) * r)
-
-
-def sqrt_anneal_timestep(t_max: float, t_min: float, step: int, total_steps: int) -> float:
-    """HiFA Eq. 5: ``t = t_max − (t_max − t_min)·sqrt(step / total_steps)`` (clamped to the range)."""
-    r = 1.0 if total_steps <= 0 else min(max(step / total_steps, 0.0), 1.0)
-    return float(t_max - (t_max - t_min) * math.sqrt(r))
 
 
 # ----------------------------------------------------------------------------- SDS baseline
