@@ -377,7 +377,8 @@ class ScoreDistillationGuidance(BaseObject):
             guidance_scale: overrides ``cfg.guidance_scale``.
             text_embeddings: precomputed output of :meth:`text_embeddings_for` (to avoid recomputing per step).
         Returns:
-            dict with ``noise_pred`` (guided), ``noise_cond`` (positive), ``noise_uncond``.
+            dict with ``noise_pred`` (guided ε̃), ``noise_pred_text`` (ε(y), the positive prompt's),
+            ``noise_pred_uncond`` (ε(∅)).
         """
         s = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         B = latents_noisy.shape[0]
@@ -388,13 +389,13 @@ class ScoreDistillationGuidance(BaseObject):
             text_embeddings = self.text_embeddings_for(prompt_utils, elevation, azimuth, camera_distances)
         emb, neg_w = text_embeddings
         n_rep = emb.shape[0] // B
-        eps = self.forward_unet(torch.cat([latents_noisy] * n_rep), torch.cat([t] * n_rep), emb)
-        e_c, e_u = eps[:B], eps[B : 2 * B]
+        noise_pred_all = self.forward_unet(torch.cat([latents_noisy] * n_rep), torch.cat([t] * n_rep), emb)
+        noise_pred_text, noise_pred_uncond = noise_pred_all[:B], noise_pred_all[B : 2 * B]
         if neg_w is None:
-            pred = cfg_combine(e_c, e_u, s)
+            noise_pred = cfg_combine(noise_pred_text, noise_pred_uncond, s)
         else:
-            pred = perp_neg_combine(e_c, e_u, eps[2 * B :], neg_w, s)
-        return {"noise_pred": pred, "noise_cond": e_c, "noise_uncond": e_u}
+            noise_pred = perp_neg_combine(noise_pred_text, noise_pred_uncond, noise_pred_all[2 * B :], neg_w, s)
+        return {"noise_pred": noise_pred, "noise_pred_text": noise_pred_text, "noise_pred_uncond": noise_pred_uncond}
 
     def text_embeddings_for(self, prompt_utils, elevation, azimuth, camera_distances):
         """``(emb, neg_weights)`` for :meth:`predict_noise_cfg`: ``emb`` is ``(2B, 77, E)`` = [cond; uncond] and

@@ -160,11 +160,11 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
         noise = torch.randn_like(latents)
         scale = c.guidance_scale if c.cfg_form == "standard" else c.guidance_scale + 1.0
         with torch.no_grad():
-            x_t = add_noise(latents, noise, self.alphas_cumprod, t)
-            pred = self.predict_noise_cfg(x_t, t, prompt_utils, elevation, azimuth, camera_distances, guidance_scale=scale)
+            latents_noisy = add_noise(latents, noise, self.alphas_cumprod, t)
+            pred = self.predict_noise_cfg(latents_noisy, t, prompt_utils, elevation, azimuth, camera_distances, guidance_scale=scale)
         out = vdm_update(
             pred["noise_pred"],
-            pred["noise_cond"],
+            pred["noise_pred_text"],
             noise,
             t,
             self.alphas_cumprod,

@@ -99,8 +99,8 @@ def ddim_schedule(t: int, stride: int) -> list:
 
 
 def ddim_denoise(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    z_t: torch.Tensor,
+    noise_pred_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    latents_noisy: torch.Tensor,
     t: torch.Tensor,
     scheduler,
     ratio: float = 0.25,
@@ -114,16 +114,16 @@ def ddim_denoise(
     ``scheduler.final_alpha_cumprod``), and returns the final sample.
 
     Args:
-        eps_fn: ``eps_fn(z, t_batch, idx) -> ε̂`` (already classifier-free-guided), one UNet batch call;
-            ``idx`` (long) are the batch items in ``z`` (to select their conditioning).
-        z_t: ``(B, C, h, w)`` noisy latents at ``t``.
+        noise_pred_fn: ``noise_pred_fn(z, t_batch, idx) -> ε̂`` (already classifier-free-guided), one UNet batch
+            call; ``idx`` (long) are the batch items in ``z`` (to select their conditioning).
+        latents_noisy: ``(B, C, h, w)`` z_t, the noisy latents at ``t``.
         t: ``(B,)`` timesteps; items with equal t are denoised together (one call per step).
         scheduler: a ``diffusers.DDIMScheduler`` used only for this (``set_timesteps`` is called on it).
         ratio: DDIM stride as a fraction of T (paper r = 0.25).
         eta: DDIM η (paper η = 1); the η-noise is drawn with ``generator`` as ``variance_noise``.
 
     Returns:
-        ``(ẑ, n_calls)`` with ``n_calls`` the number of ``eps_fn`` calls.
+        ``(ẑ, n_calls)`` with ``n_calls`` the number of ``noise_pred_fn`` calls.
 
     Raises:
         ValueError: bad ``ratio`` (see :func:`ddim_stride`) or ``eta < 0``.
@@ -133,23 +133,23 @@ def ddim_denoise(
     T = int(scheduler.config.num_train_timesteps)
     stride = ddim_stride(ratio, T)
     scheduler.set_timesteps(T // stride)
-    out = torch.empty_like(z_t)
+    out = torch.empty_like(latents_noisy)
     n_calls = 0
     # the number of DDIM steps depends on each t: the grouping runs on a host copy of t (pass t on the CPU, as
     # hifa-guidance does, and nothing here waits for the device; a device t costs one copy to the host)
     t_host = t.long() if t.device.type == "cpu" else t.long().cpu()
     for t0 in _host_values(t_host):
         with host_only():
-            idx = to_device((t_host == t0).nonzero(as_tuple=True)[0], z_t.device)
-        z = z_t[idx]
+            idx = to_device((t_host == t0).nonzero(as_tuple=True)[0], latents_noisy.device)
+        z = latents_noisy[idx]
         for tau in ddim_schedule(t0, stride):
             tb = torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device)
-            eps = eps_fn(z, tb, idx)
+            noise_pred = noise_pred_fn(z, tb, idx)
             n_calls += 1
             noise = None
             if eta > 0:
                 noise = torch.randn(z.shape, generator=generator, device=z.device if generator is None else generator.device, dtype=z.dtype).to(z.device)
-            z = scheduler.step(eps, tau, z, eta=eta, variance_noise=noise).prev_sample
+            z = scheduler.step(noise_pred, tau, z, eta=eta, variance_noise=noise).prev_sample
         out[idx] = z
     return out, n_calls
 
