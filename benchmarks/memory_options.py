@@ -40,7 +40,7 @@ def main():
     from harness import import_threestudio, make_prompt_utils, tiny_guidance_config, tiny_sd_path
 
     from scoredistill.bench.cost_bench import _CPUPeak
-    from scoredistill.core.diffusion import add_noise, sds_weight
+    from scoredistill.maths.diffusion import add_noise, sds_weight
     ts = import_threestudio()
     from scoredistill.guidance.base import ScoreDistillationGuidance
 

@@ -11,8 +11,8 @@ import re
 import pytest
 
 PACK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custom", "scoredistill")
-RUNTIME = ("guidance", "core", "geometry", "renderer", "system", "exporter", "distributed", "validation", "settings",
-           "atomic_io", "_registry", "__init__", "paths")
+RUNTIME = ("guidance", "maths", "sync", "geometry", "renderer", "system", "exporter", "distributed", "validation",
+           "settings", "atomic_io", "_registry", "__init__", "paths")
 TOOLING = ("bench", "suite", "testing", "demo", "cli")
 
 

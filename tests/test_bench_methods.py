@@ -101,7 +101,7 @@ def test_config_validation():
 
 def test_spec_optimizer_plain_gd_applies_x_minus_step_times_grad():
     from scoredistill.bench.methods import MethodSpec
-    from scoredistill.core.diffusion import grad_to_loss
+    from scoredistill.maths.diffusion import grad_to_loss
 
     cfg = esb.ExactScoreConfig()
     x = torch.randn(3, 4, 2, 2, requires_grad=True)
@@ -139,7 +139,7 @@ def test_lods_rows_learn_their_unconditional_embedding_on_the_prior(label):
     """The LODS rows of the exact-score benchmark: the learnable unconditional embedding α is one the prior responds
     to (Eq. 8's gradient w.r.t. its selection channels is O(1), not the ~1e-22 of a saturated soft-max), and it
     moves during the benchmark's steps (the prompt slots start at 0, so AdamW's weight decay alone cannot move them)."""
-    from scoredistill.core.diffusion import grad_to_loss
+    from scoredistill.maths.diffusion import grad_to_loss
 
     cfg = esb.ExactScoreConfig(particles=8, steps=30)
     spec = next(s for s in esb.select_specs(None) if s.label == label)

@@ -9,8 +9,8 @@ import torch
 
 from harness import one_thread_fixture
 from scoredistill.guidance.finite import FiniteStepGuard, NonFiniteStepError, install_finite_guard
-from scoredistill.guidance.lods import LODSLearner
-from scoredistill.guidance.vdm import VariationalDistributionMapping, build_degradation_model
+from scoredistill.maths.lods import LODSLearner
+from scoredistill.maths.vdm import VariationalDistributionMapping, build_degradation_model
 from scoredistill.testing.exact_score_prior import ExactScorePrior
 
 _one_thread = one_thread_fixture("function")

@@ -14,7 +14,7 @@ def base_env(tiny_sd, threestudio_module, tmp_path_factory):
 
 
 def _make_subclass():
-    from scoredistill.core.diffusion import add_noise, sds_weight
+    from scoredistill.maths.diffusion import add_noise, sds_weight
     from scoredistill.guidance.base import ScoreDistillationGuidance
 
     class TrivialSDS(ScoreDistillationGuidance):

@@ -1,4 +1,4 @@
-"""GE3D maths (scoredistill.guidance.ge3d), no threestudio: Algorithm 1, DBC (Eq. 9-10), trajectories, cost,
+"""GE3D maths (scoredistill.maths.ge3d), no threestudio: Algorithm 1, DBC (Eq. 9-10), trajectories, cost,
 behaviour on the exact-score prior vs SDS at CFG 100."""
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from harness import one_thread_fixture
-from scoredistill.core.diffusion import cfg_combine, sample_timesteps, sds_grad
-from scoredistill.guidance import ge3d as G
+from scoredistill.maths.diffusion import cfg_combine, sample_timesteps, sds_grad
+from scoredistill.maths import ge3d as G
 from scoredistill.testing.exact_score_prior import ExactScorePrior, sd_alphas_cumprod
 
 AC = sd_alphas_cumprod().float()

@@ -28,7 +28,7 @@ def prompt_utils(tiny_sd, threestudio_module, tmp_path_factory):
 
 
 def _subclass():
-    from scoredistill.core.diffusion import add_noise, sds_weight
+    from scoredistill.maths.diffusion import add_noise, sds_weight
     from scoredistill.guidance.base import ScoreDistillationGuidance
 
     class FixedSDS(ScoreDistillationGuidance):

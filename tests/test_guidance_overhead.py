@@ -69,7 +69,7 @@ def test_ge3d_logs_read_no_device_values(tiny_sd, threestudio_module, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_abar_at_and_add_noise_do_not_sync_on_cuda():
-    from scoredistill.core.diffusion import abar_at, add_noise
+    from scoredistill.maths.diffusion import abar_at, add_noise
 
     abar = torch.linspace(0.999, 0.01, 1000, device="cuda")
     x = torch.randn(2, 4, 8, 8, device="cuda")

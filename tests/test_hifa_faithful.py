@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scoredistill.core import hifa
+from scoredistill.maths import hifa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W_REF = 0.05  # reference code: sds_weight "constant" -> w = 0.05

@@ -57,7 +57,7 @@ def _torch_volume(ts):
 
 
 def test_renderer_outputs_gradients_and_z_variance(threestudio_module):
-    from scoredistill.core.hifa import ray_depth_statistics
+    from scoredistill.maths.hifa import ray_depth_statistics
 
     ts = threestudio_module
     torch.manual_seed(0)
@@ -227,6 +227,51 @@ def test_hifa_guidance_ddim_target_and_unet_count(threestudio_module, tiny_sd, p
             z = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps  # DDIM, η = 0
     omega = (1 - abar[620]) * abar[620].sqrt() / (2 * (1 - abar[620]).sqrt())
     torch.testing.assert_close(out["grad"], 2 * omega * (latents - z), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["tweedie", "ddim"])
+def test_hifa_guidance_outputs_are_its_eq4_functions(threestudio_module, tiny_sd, prompt_utils, target):
+    """The adapter's SDS+ outputs are ``sds_plus_loss`` (Eq. 4) and ``sds_plus_grad`` of its own inputs, bit for bit:
+    the same ẑ (same noise, same batched UNet calls), x̂ = D(ẑ) and ω(t)."""
+    from scoredistill.maths import hifa
+    from scoredistill.maths.diffusion import add_noise, tweedie_x0
+
+    ts = threestudio_module
+    g = _guidance(ts, tiny_sd, denoised_target=target, ddim_eta=0.0)
+    B = 2
+    t = torch.tensor([300, 700]) if target == "tweedie" else torch.tensor([620, 620])
+    g.sample_timesteps = lambda n, generator=None, device=None: t
+    elev, azim, dist = torch.zeros(B), torch.zeros(B), torch.full((B,), 2.0)
+    latents = torch.randn(B, 4, 16, 16).requires_grad_(True)
+    image = torch.rand(B, 3, 32, 32).requires_grad_(True)
+    torch.manual_seed(11)
+    out = g.compute_grad(latents, prompt_utils, elev, azim, dist, hifa_image=image)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        noise = torch.randn_like(latents)
+        latents_noisy = add_noise(latents.detach(), noise, g.alphas_cumprod, t)
+        emb = g.text_embeddings_for(prompt_utils, elev, azim, dist)
+
+        def noise_pred_fn(x, tt, idx=None):
+            return g.predict_noise_cfg(x, tt, prompt_utils, elev, azim, dist, text_embeddings=emb)["noise_pred"]
+
+        if target == "tweedie":
+            latents_denoised = tweedie_x0(latents_noisy, noise_pred_fn(latents_noisy, t), g.alphas_cumprod, t)
+        else:
+            latents_denoised, _ = hifa.ddim_denoise(noise_pred_fn, latents_noisy, t, g.ddim_scheduler, 0.25, 0.0)
+        image_denoised = torch.nn.functional.interpolate(g.decode_latents(latents_denoised), (32, 32), mode="bilinear",
+                                                         align_corners=False)
+    omega = hifa.omega_weight(g.alphas_cumprod, t, g.cfg.weighting_strategy)
+    ref = hifa.sds_plus_loss(latents, latents_denoised, omega, image, image_denoised)
+    assert torch.equal(out["grad"], hifa.sds_plus_grad(latents, latents_denoised, omega))
+    assert torch.equal(out["sds_latent_residual"], ref["loss_latent"].detach())
+    assert torch.equal(out["loss_sds_img"], ref["loss_image"])
+    (gi,) = torch.autograd.grad(out["loss_sds_img"], image)
+    (gi_ref,) = torch.autograd.grad(ref["loss_image"], image)
+    assert torch.equal(gi, gi_ref)
+    # the latent gradient is B times that of Eq. 4's batch-mean latent term (the base divides by B again)
+    (gz,) = torch.autograd.grad(ref["loss_latent"], latents)
+    torch.testing.assert_close(out["grad"] / B, gz)
 
 
 def test_hifa_guidance_rejects_bad_config_before_loading(threestudio_module):
@@ -435,7 +480,7 @@ def _fake_system(sys_cls, **cfg):
 def test_system_applies_the_z_variance_mask_once(threestudio_module):
     """A system threshold below the renderer's 0.5 takes effect (the unmasked output is masked once, by the
     system); with a renderer that only has the masked output such a threshold is refused."""
-    from scoredistill.core.hifa import z_variance_loss_from_maps
+    from scoredistill.maths.hifa import z_variance_loss_from_maps
 
     sys_cls = threestudio_module.find("hifa-system")
     opacity = torch.tensor([0.2, 0.4, 0.45, 0.7, 0.9]).view(1, 5, 1, 1)
@@ -455,7 +500,7 @@ def test_system_applies_the_z_variance_mask_once(threestudio_module):
 
 
 def test_renderer_outputs_unmasked_z_variance(threestudio_module):
-    from scoredistill.core.hifa import ray_depth_statistics
+    from scoredistill.maths.hifa import ray_depth_statistics
 
     r = _renderer(threestudio_module, ShellGeometry(), num_samples_per_ray=32, num_samples_per_ray_importance=16)
     r.train()
@@ -493,7 +538,7 @@ def test_system_dpt_input_and_disparity_through_an_analytic_depth_model(threestu
     import json
     import types
 
-    from scoredistill.core.hifa import disparity_fit_loss, disparity_pearson_loss, dpt_preprocess
+    from scoredistill.maths.hifa import disparity_fit_loss, disparity_pearson_loss, dpt_preprocess
 
     sys_cls = threestudio_module.find("hifa-system")
     with open(tmp_path / "preprocessor_config.json", "w") as f:

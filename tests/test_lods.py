@@ -1,4 +1,4 @@
-"""LODS maths (scoredistill.guidance.lods): Eq. 7-10 against independent computations, the update rule of the
+"""LODS maths (scoredistill.maths.lods): Eq. 7-10 against independent computations, the update rule of the
 learnable part, checkpoint round trips, UNet-call accounting, LoRA on the tiny UNet, and setting errors.
 No threestudio needed."""
 import io
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from harness import one_thread_fixture
-from scoredistill.core.diffusion import add_noise, grad_to_loss, sds_grad
-from scoredistill.guidance.lods import (
+from scoredistill.maths.diffusion import add_noise, grad_to_loss, sds_grad
+from scoredistill.maths.lods import (
     DEFAULT_LR,
     LODSLearner,
     denoising_loss,
@@ -396,7 +396,7 @@ def test_lora_weight_is_the_effective_scale_in_both_branches(tiny_unet):
 
     from peft.tuners.lora import LoraLayer
 
-    from scoredistill.guidance.lods import DEFAULT_LORA_SCALE, add_lora_adapter, lora_branch
+    from scoredistill.maths.lods import DEFAULT_LORA_SCALE, add_lora_adapter, lora_branch
 
     assert DEFAULT_LORA_SCALE == 0.5
     unet = copy.deepcopy(tiny_unet[0])

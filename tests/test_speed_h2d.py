@@ -17,7 +17,7 @@ _one_thread = one_thread_fixture()
 
 def test_counter_counts_host_to_device_copies_and_checks_host_only():
     from scoredistill.bench.counting import SyncCounter
-    from scoredistill.core.sync import host_only, host_tensor, to_device
+    from scoredistill.sync import host_only, host_tensor, to_device
 
     dev = torch.zeros(3)  # made before the counter: would be on the GPU
     const = host_tensor(torch.tensor([1.0, -1.0, 1.0]))  # a module constant registered as host
@@ -41,7 +41,7 @@ def test_counter_counts_host_to_device_copies_and_checks_host_only():
 
 def test_abar_at_host_timesteps_reach_the_device_without_a_sync():
     from scoredistill.bench.counting import SyncCounter
-    from scoredistill.core.diffusion import abar_at
+    from scoredistill.maths.diffusion import abar_at
 
     ac = torch.linspace(0.99, 0.01, 1000)  # would be on the GPU (the guidance's alphas_cumprod)
     like = torch.zeros(2, 4, 8, 8)
@@ -82,7 +82,7 @@ def test_camera_conversion_has_no_sync_and_is_exact():
 
 def test_ge3d_dbc_weights_copy_without_a_sync():
     from scoredistill.bench.counting import SyncCounter
-    from scoredistill.guidance.ge3d import ge3d_grad
+    from scoredistill.maths.ge3d import ge3d_grad
 
     torch.manual_seed(0)
     ac = torch.linspace(0.99, 0.01, 1000)

@@ -5,7 +5,7 @@ GPU (``item``, ``tolist``, ``bool()``, ``int()``, ``float()``, ``cpu()``, ``nonz
 indexing, ...) on any device, so these CPU tests state the count a CUDA step has: 0 for every pack guidance in a
 step after the first (LODS / VDM take their own optimizer's first step with one host decision: its state is
 created lazily).  The counter knows host tensors by how they were made (see its docstring): a read of a
-would-be device tensor counts even inside :func:`scoredistill.core.sync.host_only`, and host-to-device copies
+would-be device tensor counts even inside :func:`scoredistill.sync.host_only`, and host-to-device copies
 count too (since the H200 run; ``tests/test_speed_h2d.py``).
 
 On main (4852393) these tests fail: device syncs in LODS (the α/ψ finite check ``bool`` and ``float(loss)``: 2
@@ -23,7 +23,7 @@ _one_thread = one_thread_fixture()
 
 def test_sync_counter_counts_the_syncing_calls_only():
     from scoredistill.bench.counting import SyncCounter
-    from scoredistill.core.sync import host_only
+    from scoredistill.sync import host_only
 
     x = torch.tensor([3.0, 0.0])
     with SyncCounter() as c:

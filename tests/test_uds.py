@@ -1,4 +1,4 @@
-"""UDS maths (scoredistill.guidance.uds) against the paper's equations computed independently.
+"""UDS maths (scoredistill.maths.uds) against the paper's equations computed independently.
 
 The reference computations below evaluate the UNet one sample-group at a time (never batched), write
 Tweedie (Eq. 10) and the DDIM update (Eq. 15) out from ``alphas_cumprod`` directly, and combine the
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from scoredistill.guidance import uds
+from scoredistill.maths import uds
 from scoredistill.testing.exact_score_prior import ExactScorePrior
 
 B, SHAPE = 3, (4, 4, 4)
@@ -159,7 +159,7 @@ def test_editing_identical_prompts_unchanged_target_gives_zero(prior, estimator)
 
 def test_editing_source_gets_no_gradient_and_target_gets_eq14(prior):
     """grad_to_loss on the target: d loss/d target = grad/B; the source latents are never in the graph."""
-    from scoredistill.core.diffusion import grad_to_loss
+    from scoredistill.maths.diffusion import grad_to_loss
 
     g = torch.Generator().manual_seed(4)
     tgt = torch.randn(B, *SHAPE, generator=g).requires_grad_(True)

@@ -24,7 +24,7 @@ def _guidance(threestudio, tiny_sd, **kw):
 @pytest.mark.parametrize("estimator,n", [("tweedie", 1), ("ddim", 3)])
 @pytest.mark.parametrize("neg", [None, "ugly, blurry"])
 def test_generation_matches_maths_and_call_count(env, tiny_sd, estimator, n, neg):
-    from scoredistill.guidance.uds import uds_generation_grad
+    from scoredistill.maths.uds import uds_generation_grad
 
     threestudio, prompt_utils, _ = env
     g = _guidance(threestudio, tiny_sd, x0_estimator=estimator, ddim_steps=n, negative_prompt=neg)

@@ -15,7 +15,7 @@ Run ``python tests/test_uds_sign_benchmark.py`` for the table quoted in docs/uds
 import torch
 
 from harness import one_intraop_thread
-from scoredistill.guidance.uds import DEFAULT_RECON_SIGN, uds_generation_grad
+from scoredistill.maths.uds import DEFAULT_RECON_SIGN, uds_generation_grad
 from scoredistill.testing.exact_score_prior import ExactScorePrior
 
 

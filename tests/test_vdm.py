@@ -1,4 +1,4 @@
-"""DreamMapping VDM + DCA maths (scoredistill.guidance.vdm), without threestudio."""
+"""DreamMapping VDM + DCA maths (scoredistill.maths.vdm), without threestudio."""
 import copy
 import io
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from harness import one_thread_fixture
-from scoredistill.core.diffusion import grad_to_loss
+from scoredistill.maths.diffusion import grad_to_loss
 from scoredistill.guidance.checkpointing import CHECKPOINT_KEY, CheckpointedGuidanceMixin
-from scoredistill.guidance.vdm import (
+from scoredistill.maths.vdm import (
     DegradationModel,
     LinearOperator,
     ULiteOperator,
@@ -141,7 +141,7 @@ def test_weightings():
     with pytest.raises(ValueError, match="weighting_strategy"):
         vdm_weight(abar, t, "sqrt")
     # "luciddreamer" is VDM's extra: the shared SDS weighting refuses it unless allowed
-    from scoredistill.core.diffusion import sds_weight
+    from scoredistill.maths.diffusion import sds_weight
 
     with pytest.raises(ValueError, match="weighting_strategy must be one of"):
         sds_weight(abar, t, "luciddreamer")

@@ -1,8 +1,8 @@
 import torch
 torch.set_num_threads(1)
 from scoredistill.bench.exact_score_bench import ExactScoreConfig, build_prior, make_context, measure
-from scoredistill.core.diffusion import cfg_combine
-from scoredistill.guidance import ge3d as G
+from scoredistill.maths.diffusion import cfg_combine
+from scoredistill.maths import ge3d as G
 cfg = ExactScoreConfig(seeds=(0,))
 prior = build_prior(cfg)
 AC = prior.alphas_cumprod.float()

@@ -11,7 +11,7 @@ import torch
 
 from scoredistill.bench import exact_score_bench as esb
 from scoredistill.bench.methods import make_method
-from scoredistill.core.diffusion import grad_to_loss
+from scoredistill.maths.diffusion import grad_to_loss
 
 torch.set_num_threads(1)
 cfg = esb.ExactScoreConfig()

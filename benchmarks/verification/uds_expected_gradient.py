@@ -1,8 +1,8 @@
 import torch
 torch.set_num_threads(1)
 from scoredistill.bench.exact_score_bench import ExactScoreConfig, build_prior
-from scoredistill.guidance.uds import uds_generation_grad
-from scoredistill.core.diffusion import sds_grad
+from scoredistill.maths.uds import uds_generation_grad
+from scoredistill.maths.diffusion import sds_grad
 cfg = ExactScoreConfig(); prior = build_prior(cfg); AC = prior.alphas_cumprod.float()
 B=16; cond, unc = prior.embedding(0,B), prior.embedding(None,B)
 eps = lambda z,t,e: prior(z,t,e).sample

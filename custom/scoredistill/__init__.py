@@ -1,8 +1,8 @@
 """scoredistill: score-distillation methods for threestudio.
 
 ``import scoredistill`` never needs threestudio: the method maths lives in plain
-functions over tensors (``scoredistill.core``, ``scoredistill.guidance.*`` maths
-modules, ``scoredistill.geometry``/``renderer`` helpers).  When threestudio is
+functions over tensors (``scoredistill.maths``: one module per paper plus the shared
+diffusion maths; ``scoredistill.geometry``/``renderer`` helpers).  When threestudio is
 importable, importing this package (or threestudio's ``launch.py`` loading it from
 its ``custom/`` folder) also registers the pack's modules with threestudio, once.
 """

@@ -1,7 +1,7 @@
 """Tolerances that follow from float32 arithmetic (tests only).
 
 A guidance evaluates the conditional and unconditional branches in ONE UNet call of batch ``2B``
-(``scoredistill.core.diffusion.predict_cond_uncond``); an independent reference in a test usually makes two
+(``scoredistill.maths.diffusion.predict_cond_uncond``); an independent reference in a test usually makes two
 calls of batch ``B``.  Both are exact in real arithmetic, but in float32 the convolution / attention kernels
 sum in a batch-dependent order, so the two noise predictions differ by a few units in the last place of the
 activations — not of the output.  A fixed absolute tolerance (``atol=1e-6``) is then a guess that fails on

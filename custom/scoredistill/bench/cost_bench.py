@@ -2,7 +2,7 @@
 
 One optimisation step = the guidance's update on a batch of latents (``method.grad``, including whatever the
 method learns alongside: LODS's embedding / LoRA, VDM's operator) + the backward of
-:func:`scoredistill.core.diffusion.grad_to_loss` into the latents + an Adam step on them -- what a threestudio
+:func:`scoredistill.maths.diffusion.grad_to_loss` into the latents + an Adam step on them -- what a threestudio
 step costs on top of rendering and VAE encoding (identical for every method, so left out).
 
 Measured per method, after ``--warmup`` steps, over ``--steps`` steps:
@@ -160,7 +160,7 @@ def measure_method(spec: MethodSpec, make_unet: Callable, latent_hw: int, batch:
     Raises:
         MethodUnavailable: the method cannot run (module missing, variant not applicable).
     """
-    from scoredistill.core.diffusion import grad_to_loss
+    from scoredistill.maths.diffusion import grad_to_loss
     from scoredistill.testing.tiny_models import SD_SCHEDULER_CONFIG
     from diffusers import DDIMScheduler
 

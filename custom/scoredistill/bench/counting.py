@@ -53,7 +53,7 @@ class CountingUNet(nn.Module):
         unet: the wrapped module; called as ``unet(sample, timestep, encoder_hidden_states, **kwargs)``.
 
     The wrapper also offers :meth:`eps`, the ``eps_fn(x, t, emb) -> noise_pred`` callable convention of
-    :mod:`scoredistill.core.diffusion` (``t`` a ``(N,)`` long tensor).
+    :mod:`scoredistill.maths.diffusion` (``t`` a ``(N,)`` long tensor).
     """
 
     def __init__(self, unet: nn.Module):
@@ -185,12 +185,12 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
     without ``non_blocking=True``, indexing a device tensor with a host index tensor): a synchronous
     ``cudaMemcpy`` from pageable memory on CUDA.
 
-    Which tensors are host tensors (see :mod:`scoredistill.core.sync`): the ones made while the counter is
+    Which tensors are host tensors (see :mod:`scoredistill.sync`): the ones made while the counter is
     active without a ``device`` argument (or with ``device="cpu"``), the results of ops on host tensors only,
-    their ``.cpu()`` copies, and the ones registered with :func:`scoredistill.core.sync.host_tensor`.  Every
+    their ``.cpu()`` copies, and the ones registered with :func:`scoredistill.sync.host_tensor`.  Every
     other tensor -- made before the counter started (parameters, inputs) or with a ``device`` -- would be on the
-    GPU, so a read of it counts, also inside :func:`scoredistill.core.sync.host_only` (the block's claim is
-    checked, not trusted).  Code inside :func:`scoredistill.core.sync.cpu_path` (taken only on CPU tensors, e.g.
+    GPU, so a read of it counts, also inside :func:`scoredistill.sync.host_only` (the block's claim is
+    checked, not trusted).  Code inside :func:`scoredistill.sync.cpu_path` (taken only on CPU tensors, e.g.
     the CPU rasterizer) is not looked at.  Reads inside ``torch.optim.Optimizer.step`` are not counted (torch's optimizers keep
     their step count on the host unless ``capturable``; their device maths does not read values).
 
@@ -214,7 +214,7 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
     # -- host tensors
     def is_host(self, t) -> bool:
         """Whether ``t`` would stay on the host in a GPU run (see the class docstring)."""
-        from ..core.sync import is_registered_host_tensor
+        from ..sync import is_registered_host_tensor
 
         if not isinstance(t, torch.Tensor):
             return False
@@ -265,7 +265,7 @@ class SyncCounter(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         call = ""
-        from ..core.sync import in_cpu_path
+        from ..sync import in_cpu_path
 
         if in_cpu_path():  # a path a GPU run never takes
             return func(*args, **kwargs)

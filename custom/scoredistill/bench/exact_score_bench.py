@@ -6,7 +6,7 @@ network's error).  ``P`` prompts each own ``K`` components ``N(mu_k, s^2 I)`` in
 unconditional model is the mixture of all prompts.  ``N`` particles (latents, the 2D stand-in for ``N``
 independent 3D scenes) start from ``N(0, I)`` and are optimised with Adam (or a row's own optimiser,
 :attr:`MethodSpec.optimizer`) on the guidance's loss
-(:func:`scoredistill.core.diffusion.grad_to_loss`, i.e. gradient = the guidance's update) for a number of
+(:func:`scoredistill.maths.diffusion.grad_to_loss`, i.e. gradient = the guidance's update) for a number of
 steps.  Measured, per method and seed (:mod:`scoredistill.bench.metrics`):
 
 * fidelity: mean RMS distance of the particles to the nearest component mean of the prompt (a data sample
@@ -125,7 +125,7 @@ def run_one(prior, spec: MethodSpec, cfg: ExactScoreConfig, seed: int) -> Dict:
     g = torch.Generator().manual_seed(10_000 + seed)
     x = torch.randn(cfg.particles, *cfg.latent_shape, generator=g).requires_grad_(True)
     opt = make_optimizer(x, spec, cfg)
-    from scoredistill.core.diffusion import grad_to_loss
+    from scoredistill.maths.diffusion import grad_to_loss
 
     steps, curves = [], {"fidelity": [], "saturation": [], "diversity": []}
 

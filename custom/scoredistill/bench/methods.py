@@ -5,15 +5,15 @@ A :class:`DistillContext` holds what a guidance needs from its surroundings: a c
 prior), the noise schedule ``alphas_cumprod``, the prompt's conditional and unconditional text embeddings and the
 length of the optimisation.  :func:`make_method` builds a :class:`Method` from a name; ``method.grad(latents,
 step)`` returns the guidance's update on the latents (``(B, C, H, W)``, detached), exactly what the pack's
-threestudio adapters turn into ``loss_sds`` with :func:`scoredistill.core.diffusion.grad_to_loss`.  Methods that
+threestudio adapters turn into ``loss_sds`` with :func:`scoredistill.maths.diffusion.grad_to_loss`.  Methods that
 learn something alongside (LODS's embedding or LoRA, VDM's degradation operator) do that inside ``grad``; it is
 part of the step's cost.
 
-The maths is never re-implemented here: SDS is :func:`scoredistill.core.diffusion.sds_grad`; every other method
+The maths is never re-implemented here: SDS is :func:`scoredistill.maths.diffusion.sds_grad`; every other method
 calls the public functions of its own module in ``scoredistill.guidance`` (imported lazily; a method whose module
 is not available raises :class:`MethodUnavailable`, and the benchmarks list it as not run).
 
-Conventions: CFG scales are in :func:`scoredistill.core.diffusion.cfg_combine`'s convention
+Conventions: CFG scales are in :func:`scoredistill.maths.diffusion.cfg_combine`'s convention
 ``ε(∅) + s·(ε(y) − ε(∅))`` (threestudio's ``guidance_scale`` g corresponds to ``s = g + 1``).
 """
 from __future__ import annotations
@@ -73,14 +73,14 @@ class Method:
 # ----------------------------------------------------------------------------- SDS (baseline)
 class SDS(Method):
     """threestudio-style SDS (DreamFusion): ``w(t)·(ε̃(x_t, t, y) − ε)``, ``t ~ U[min_step, max_step]`` per view,
-    ``w(t) = 1 − ᾱ_t``, CFG ``s`` (:func:`scoredistill.core.diffusion.sds_grad`; one UNet call on ``2B``
+    ``w(t) = 1 − ᾱ_t``, CFG ``s`` (:func:`scoredistill.maths.diffusion.sds_grad`; one UNet call on ``2B``
     samples, no UNet backward)."""
 
     name = "sds"
 
     def __init__(self, ctx: DistillContext, guidance_scale: float = 100.0, min_step_percent: float = 0.02,
                  max_step_percent: float = 0.98, weighting_strategy: str = "sds"):
-        from scoredistill.core.diffusion import step_range
+        from scoredistill.maths.diffusion import step_range
 
         super().__init__(ctx)
         self.guidance_scale = float(guidance_scale)
@@ -88,7 +88,7 @@ class SDS(Method):
         self.weighting_strategy = weighting_strategy
 
     def grad(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        from scoredistill.core.diffusion import sample_timesteps, sds_grad
+        from scoredistill.maths.diffusion import sample_timesteps, sds_grad
 
         B = latents.shape[0]
         t = sample_timesteps(B, self.min_step, self.max_step, device=latents.device)
@@ -99,15 +99,15 @@ class SDS(Method):
 
 # ----------------------------------------------------------------------------- UDS
 class UDS(Method):
-    """UDS generation (:func:`scoredistill.guidance.uds.uds_generation_grad`, Eq. 16/19), ``t`` uniform on
+    """UDS generation (:func:`scoredistill.maths.uds.uds_generation_grad`, Eq. 16/19), ``t`` uniform on
     ``[min_step, max_step]`` (paper: ``t ~ U(1, 1000)``, i.e. all of ``[0, T)``); every other option is passed
     through (``guidance_scale``, ``interval``, ``x0_estimator``, ``ddim_steps``, ``recon_sign``, ...)."""
 
     name = "uds"
 
     def __init__(self, ctx: DistillContext, min_step_percent: float = 0.0, max_step_percent: float = 1.0, **options):
-        from scoredistill.core.diffusion import step_range
-        from scoredistill.guidance import uds
+        from scoredistill.maths.diffusion import step_range
+        from scoredistill.maths import uds
 
         super().__init__(ctx)
         self._uds = uds
@@ -117,7 +117,7 @@ class UDS(Method):
             "x0_estimator", "ddim_steps", "interval", "guidance_scale", "recon_sign", "weighting_strategy")})
 
     def grad(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        from scoredistill.core.diffusion import sample_timesteps
+        from scoredistill.maths.diffusion import sample_timesteps
 
         B = latents.shape[0]
         t = sample_timesteps(B, self.min_step, self.max_step, device=latents.device)
@@ -128,9 +128,9 @@ class UDS(Method):
 
 # ----------------------------------------------------------------------------- GE3D
 class GE3D(Method):
-    """GE3D (:func:`scoredistill.guidance.ge3d.ge3d_grad`, Alg. 1, Eq. 9-11) with ``ge3d-guidance``'s trajectory
-    code (:func:`~scoredistill.guidance.ge3d.random_trajectory` after
-    :func:`~scoredistill.guidance.ge3d.annealed_trajectory_params`): a random trajectory redrawn every step, ``n``
+    """GE3D (:func:`scoredistill.maths.ge3d.ge3d_grad`, Alg. 1, Eq. 9-11) with ``ge3d-guidance``'s trajectory
+    code (:func:`~scoredistill.maths.ge3d.random_trajectory` after
+    :func:`~scoredistill.maths.ge3d.annealed_trajectory_params`): a random trajectory redrawn every step, ``n``
     intervals i.i.d. uniform on the integers ``[jump_min, jump_max)`` back from the farthest node ``t_n``, each
     bound linearly annealed over ``ctx.total_steps`` -- by default the authors' reference-code schedule
     (``jump_min`` 60→30, ``jump_max`` 80→50, ``t_n`` 480→300; ``ge3d-guidance``'s own defaults are the paper's
@@ -143,7 +143,7 @@ class GE3D(Method):
     def __init__(self, ctx: DistillContext, guidance_scale: float = 7.5, n_steps: int = 6, timesteps=None,
                  jump_min=(60, 30), jump_max=(80, 50), max_timestep=(480, 300), dbc: bool = True,
                  dbc_sigma: float = 1000.0):
-        from scoredistill.guidance import ge3d
+        from scoredistill.maths import ge3d
 
         super().__init__(ctx)
         self._ge3d = ge3d
@@ -162,7 +162,7 @@ class GE3D(Method):
         return self._ge3d.random_trajectory(self.n, jmin, max(jmax, jmin + 1), tmax)
 
     def grad(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        from scoredistill.core.diffusion import cfg_combine
+        from scoredistill.maths.diffusion import cfg_combine
 
         B = latents.shape[0]
         cond, uncond = self.ctx.embeddings(B)
@@ -187,7 +187,7 @@ class GE3D(Method):
 
 # ----------------------------------------------------------------------------- LODS
 class LODS(Method):
-    """LODS (:class:`scoredistill.guidance.lods.LODSLearner`, Alg. 1-3, Eq. 7-10): step (a) normalised SDS with the
+    """LODS (:class:`scoredistill.maths.lods.LODSLearner`, Alg. 1-3, Eq. 7-10): step (a) normalised SDS with the
     learnable unconditional branch (α or LoRA ψ), then step (b) one update of it.  ``t`` of (a) uniform on
     ``[min_step, max_step]``; every other option goes to the learner.  The LoRA variant needs a diffusers UNet
     (``ctx.uses_real_unet``): peft adds the adapter to the wrapped UNet, calls still go through the counter."""
@@ -196,8 +196,8 @@ class LODS(Method):
 
     def __init__(self, ctx: DistillContext, variant: str = "embedding", min_step_percent: float = 0.02,
                  max_step_percent: float = 0.98, **options):
-        from scoredistill.core.diffusion import step_range
-        from scoredistill.guidance import lods
+        from scoredistill.maths.diffusion import step_range
+        from scoredistill.maths import lods
 
         super().__init__(ctx)
         if variant == "lora" and not ctx.uses_real_unet:
@@ -208,7 +208,7 @@ class LODS(Method):
         self.learner = lods.LODSLearner(ctx.unet.eps, variant, ctx.alphas_cumprod, unet=unet, **options)
 
     def grad(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        from scoredistill.core.diffusion import sample_timesteps
+        from scoredistill.maths.diffusion import sample_timesteps
 
         B = latents.shape[0]
         t = sample_timesteps(B, self.min_step, self.max_step, device=latents.device)
@@ -218,7 +218,7 @@ class LODS(Method):
 
 # ----------------------------------------------------------------------------- VDM
 class VDM(Method):
-    """DreamMapping VDM + DCA (:func:`scoredistill.guidance.vdm.vdm_step`, Eq. 17-19): one CFG UNet call, one
+    """DreamMapping VDM + DCA (:func:`scoredistill.maths.vdm.vdm_step`, Eq. 17-19): one CFG UNet call, one
     update of the degradation operator ``M_ψ`` (U-Lite by default, Adam lr 0.01), ``t ~ U[min_step, max_step]``
     (paper: ``U(0, 1000)``).  Operator options: ``operator_type``, ``operator_lr``, ``operator_widths``;
     every other option goes to ``vdm_step`` (``guidance_scale`` 7.5, ``operator_input``, ``dca`` ...)."""
@@ -228,8 +228,8 @@ class VDM(Method):
     def __init__(self, ctx: DistillContext, latent_shape=None, operator_type: str = "ulite",
                  operator_lr: Optional[float] = None, operator_widths=None, min_step_percent: float = 0.0,
                  max_step_percent: float = 1.0, **options):
-        from scoredistill.core.diffusion import step_range
-        from scoredistill.guidance import vdm
+        from scoredistill.maths.diffusion import step_range
+        from scoredistill.maths import vdm
 
         super().__init__(ctx)
         self._vdm = vdm
@@ -241,7 +241,7 @@ class VDM(Method):
         self.options = options
 
     def grad(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        from scoredistill.core.diffusion import sample_timesteps
+        from scoredistill.maths.diffusion import sample_timesteps
 
         B = latents.shape[0]
         t = sample_timesteps(B, self.min_step, self.max_step, device=latents.device)

@@ -3,7 +3,7 @@
 As in LODS's 2D experiments (``x = θ``, no renderer) and threestudio's 2D playground notebook: parameters are
 a batch of SD latents ``(B, 4, h, w)`` (``--mode latent``, initialised ``N(0, I)``) or RGB images
 ``(B, 3, H, W)`` in ``[0, 1]`` encoded by the VAE at every step (``--mode image``, initialised 0.5 grey plus a
-little noise), optimised with Adam on the guidance's loss (:func:`scoredistill.core.diffusion.grad_to_loss`).
+little noise), optimised with Adam on the guidance's loss (:func:`scoredistill.maths.diffusion.grad_to_loss`).
 
 Models (``--model``):
 
@@ -171,7 +171,7 @@ def run(method: str = "sds", model: str = "tiny", prompt: str = "a photograph of
         param = (0.5 + 0.05 * torch.randn(batch, 3, resolution, resolution, generator=g)).to(device).requires_grad_(True)
         get_latents = lambda: pipe.encode(param.clamp(0, 1))  # noqa: E731
     opt = torch.optim.Adam([param], lr=lr)
-    from scoredistill.core.diffusion import grad_to_loss
+    from scoredistill.maths.diffusion import grad_to_loss
 
     def preview():
         lat = get_latents().detach()

@@ -14,7 +14,7 @@ everything the pack's guidances share, once:
   and :meth:`predict_noise_cfg` (CFG or Perp-Neg in ONE batched UNet call);
 * timestep range from (scheduled) ``min/max_step_percent``, :meth:`sample_timesteps`, :meth:`update_step`;
 * ``__call__``: renders → latents → the subclass's :meth:`compute_grad` → ``loss_sds`` (threestudio's
-  reparameterisation, :func:`scoredistill.core.diffusion.grad_to_loss`), ``grad_norm`` and the subclass's logs.
+  reparameterisation, :func:`scoredistill.maths.diffusion.grad_to_loss`), ``grad_norm`` and the subclass's logs.
 
 :class:`CheckpointedScoreDistillationGuidance` adds a guidance's own trainable state to the system's Lightning
 checkpoints (:mod:`scoredistill.guidance.checkpointing`; used by ``lods-guidance`` and ``vdm-guidance``).
@@ -36,7 +36,7 @@ import threestudio
 from threestudio.utils.base import BaseObject
 from threestudio.utils.misc import C, config_to_primitive
 
-from ..core.diffusion import (
+from ..maths.diffusion import (
     WEIGHTING_STRATEGIES,
     cfg_combine,
     grad_to_loss,
@@ -158,7 +158,7 @@ class ScoreDistillationGuidance(BaseObject):
     cfg: Config
 
     #: the ``weighting_strategy`` values :meth:`validate_config` accepts (subclasses may extend it, e.g.
-    #: ``vdm-guidance`` adds ``"luciddreamer"``; see :func:`scoredistill.core.diffusion.sds_weight`)
+    #: ``vdm-guidance`` adds ``"luciddreamer"``; see :func:`scoredistill.maths.diffusion.sds_weight`)
     weighting_strategies: Tuple[str, ...] = WEIGHTING_STRATEGIES
     #: whether ``guidance_scale: .inf`` is accepted (a guidance whose maths has the s → ∞ limit, e.g.
     #: ``lods-guidance``'s 2D setting, paper A.1); the base's own CFG combination never sees it then
@@ -376,7 +376,8 @@ class ScoreDistillationGuidance(BaseObject):
             guidance_scale: overrides ``cfg.guidance_scale``.
             text_embeddings: precomputed output of :meth:`text_embeddings_for` (to avoid recomputing per step).
         Returns:
-            dict with ``noise_pred`` (guided), ``noise_cond`` (positive), ``noise_uncond``.
+            dict with ``noise_pred`` (guided ε̃), ``noise_pred_text`` (ε(y), the positive prompt's),
+            ``noise_pred_uncond`` (ε(∅)).
         """
         s = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         B = latents_noisy.shape[0]
@@ -387,13 +388,13 @@ class ScoreDistillationGuidance(BaseObject):
             text_embeddings = self.text_embeddings_for(prompt_utils, elevation, azimuth, camera_distances)
         emb, neg_w = text_embeddings
         n_rep = emb.shape[0] // B
-        eps = self.forward_unet(torch.cat([latents_noisy] * n_rep), torch.cat([t] * n_rep), emb)
-        e_c, e_u = eps[:B], eps[B : 2 * B]
+        noise_pred_all = self.forward_unet(torch.cat([latents_noisy] * n_rep), torch.cat([t] * n_rep), emb)
+        noise_pred_text, noise_pred_uncond = noise_pred_all[:B], noise_pred_all[B : 2 * B]
         if neg_w is None:
-            pred = cfg_combine(e_c, e_u, s)
+            noise_pred = cfg_combine(noise_pred_text, noise_pred_uncond, s)
         else:
-            pred = perp_neg_combine(e_c, e_u, eps[2 * B :], neg_w, s)
-        return {"noise_pred": pred, "noise_cond": e_c, "noise_uncond": e_u}
+            noise_pred = perp_neg_combine(noise_pred_text, noise_pred_uncond, noise_pred_all[2 * B :], neg_w, s)
+        return {"noise_pred": noise_pred, "noise_pred_text": noise_pred_text, "noise_pred_uncond": noise_pred_uncond}
 
     def text_embeddings_for(self, prompt_utils, elevation, azimuth, camera_distances):
         """``(emb, neg_weights)`` for :meth:`predict_noise_cfg`: ``emb`` is ``(2B, 77, E)`` = [cond; uncond] and
@@ -442,7 +443,7 @@ class ScoreDistillationGuidance(BaseObject):
         """Render ``(B, H, W, 3)`` (or 4 latent channels with ``rgb_as_latents``) → guidance outputs.
 
         Returns ``{"loss_sds", "grad_norm", "min_step", "max_step", **subclass logs}``, where
-        ``d loss_sds / d latents = grad / B`` (:func:`scoredistill.core.diffusion.grad_to_loss`).
+        ``d loss_sds / d latents = grad / B`` (:func:`scoredistill.maths.diffusion.grad_to_loss`).
         """
         kwargs.pop("guidance_eval", None)
         guard = self.finite_guard

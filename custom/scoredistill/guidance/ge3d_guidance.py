@@ -12,9 +12,9 @@ from typing import Any, List, Optional
 import torch
 
 from .._registry import register
-from ..core.sync import host_only
+from ..sync import host_only
 from .base import ScoreDistillationGuidance, _primitive
-from .ge3d import (
+from ..maths.ge3d import (
     annealed_trajectory_params,
     dbc_weights,
     ge3d_grad,
@@ -118,16 +118,16 @@ class GE3DGuidance(ScoreDistillationGuidance):
         def tvec(t: int) -> torch.Tensor:
             return torch.full((B,), int(t), dtype=torch.long, device=latents.device)
 
-        def eps_uncond(x, t):
+        def noise_pred_uncond_fn(x, t):
             return self.forward_unet(x, tvec(t), uncond)
 
-        def eps_guided(x, t):
+        def noise_pred_fn(x, t):
             return self.predict_noise_cfg(x, tvec(t), prompt_utils, elevation, azimuth, camera_distances, text_embeddings=emb)["noise_pred"]
 
         with torch.no_grad():
             grad, info = ge3d_grad(
-                eps_uncond,
-                eps_guided,
+                noise_pred_uncond_fn,
+                noise_pred_fn,
                 latents.detach(),
                 timesteps,
                 self.alphas_cumprod,

@@ -5,11 +5,14 @@ one-step Tweedie estimate ``(z_t - σ_t ε̂)/α_t`` (``denoised_target: tweedie
 multi-step DDIM chain from t (``denoised_target: ddim``, stride ``ddim_step_ratio·T`` = 250 for the
 paper's r = 0.25, η = ``ddim_eta``; ``floor(t/250)+1`` CFG UNet calls); ``x̂ = D(ẑ)``.
 
-Outputs (weighted by the system's ``lambda_*``, threestudio naming):
+The maths is :mod:`scoredistill.maths.hifa`'s: ω(t) (:func:`~scoredistill.maths.hifa.omega_weight`), Eq. 4
+(:func:`~scoredistill.maths.hifa.sds_plus_loss`) and its latent gradient
+(:func:`~scoredistill.maths.hifa.sds_plus_grad`).  Outputs (weighted by the system's ``lambda_*``, threestudio
+naming):
 
 * ``loss_sds``: the latent term ``ω(t)‖z - ẑ‖²`` through the base's reparameterisation, i.e. its gradient
   on z is ``2ω(t)(z - ẑ) = w(t) α_t/σ_t (z - ẑ)`` -- with the Tweedie target exactly DreamFusion's SDS
-  gradient ``w(t)(ε̂ - ε)`` (Eq. 2), ω from :func:`scoredistill.core.hifa.omega_weight`;
+  gradient ``w(t)(ε̂ - ε)`` (Eq. 2);
 * ``loss_sds_img`` (with ``use_img_loss``): the image term ``ω(t)‖x - x̂‖²`` (its value is Eq. 4's image
   term; its gradient equals threestudio's ``use_img_loss`` image gradient); λ_rgb is the system's
   ``lambda_sds_img`` (0.1);
@@ -25,9 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import register
-from ..core.diffusion import add_noise
-from ..core.sync import to_device
-from ..core.hifa import DENOISED_TARGETS, OMEGA_WEIGHTINGS, ddim_denoise, ddim_stride, omega_weight, tweedie_denoise
+from ..maths.diffusion import add_noise, tweedie_x0
+from ..maths.hifa import (
+    DENOISED_TARGETS,
+    OMEGA_WEIGHTINGS,
+    ddim_denoise,
+    ddim_stride,
+    omega_weight,
+    sds_plus_grad,
+    sds_plus_loss,
+)
+from ..sync import to_device
 from .base import ScoreDistillationGuidance
 
 
@@ -60,7 +71,7 @@ class HiFAGuidance(ScoreDistillationGuidance):
 
     cfg: Config
 
-    #: ω(t) strategies (:func:`scoredistill.core.hifa.omega_weight`): the base's plus "constant" (ω = 1/2,
+    #: ω(t) strategies (:func:`scoredistill.maths.hifa.omega_weight`): the base's plus "constant" (ω = 1/2,
     #: HiFA's reference code's constant weight; scale it with lambda_sds / lambda_sds_img)
     weighting_strategies = OMEGA_WEIGHTINGS
 
@@ -100,35 +111,38 @@ class HiFAGuidance(ScoreDistillationGuidance):
         emb = self.text_embeddings_for(prompt_utils, elevation, azimuth, camera_distances)
         with torch.no_grad():
             noise = torch.randn_like(latents)
-            z_t = add_noise(latents.detach(), noise, self.alphas_cumprod, t)
+            latents_noisy = add_noise(latents.detach(), noise, self.alphas_cumprod, t)
             if self.cfg.denoised_target == "tweedie":
-                eps = self.predict_noise_cfg(z_t, t, prompt_utils, elevation, azimuth, camera_distances, text_embeddings=emb)
-                z_hat = tweedie_denoise(z_t, eps["noise_pred"], self.alphas_cumprod, t)
+                noise_pred = self.predict_noise_cfg(
+                    latents_noisy, t, prompt_utils, elevation, azimuth, camera_distances, text_embeddings=emb
+                )["noise_pred"]
+                latents_denoised = tweedie_x0(latents_noisy, noise_pred, self.alphas_cumprod, t)
             else:
 
-                def eps_fn(z, tb, idx):
+                def noise_pred_fn(latents_noisy_k, t_k, idx):
                     sub = _subset_embeddings(emb, idx, B) if idx.numel() != B else emb
                     return self.predict_noise_cfg(
-                        z, tb, prompt_utils, elevation, azimuth, camera_distances, text_embeddings=sub
+                        latents_noisy_k, t_k, prompt_utils, elevation, azimuth, camera_distances, text_embeddings=sub
                     )["noise_pred"]
 
-                z_hat, _ = ddim_denoise(
-                    eps_fn, z_t, t_host, self.ddim_scheduler, self.cfg.ddim_step_ratio, self.cfg.ddim_eta
+                latents_denoised, _ = ddim_denoise(
+                    noise_pred_fn, latents_noisy, t_host, self.ddim_scheduler, self.cfg.ddim_step_ratio, self.cfg.ddim_eta
                 )
+            image_denoised = None
+            if hifa_image is not None:
+                image_denoised = self.decode_latents(latents_denoised)
+                if image_denoised.shape[-2:] != hifa_image.shape[-2:]:
+                    image_denoised = F.interpolate(image_denoised, hifa_image.shape[-2:], mode="bilinear", align_corners=False)
         omega = omega_weight(self.alphas_cumprod, t, self.cfg.weighting_strategy).to(latents)
-        om = omega.view(-1, 1, 1, 1)
-        residual = latents.detach() - z_hat
+        # Eq. 4 on the detached latents: its values are logged / returned; the latent term's gradient goes through
+        # the base's reparameterisation (d(loss_sds)/dz = grad / B = ∇_z mean_b ω‖z - ẑ‖²)
+        sds_plus = sds_plus_loss(latents.detach(), latents_denoised, omega, hifa_image, image_denoised)
         out: Dict[str, Any] = {
-            # d(loss_sds)/dz = grad / B = ∇_z mean_b ω‖z - ẑ‖²
-            "grad": 2.0 * om * residual,
-            "sds_latent_residual": (omega * residual.pow(2).reshape(B, -1).sum(-1)).mean(),
+            "grad": sds_plus_grad(latents, latents_denoised, omega),
+            "sds_latent_residual": sds_plus["loss_latent"],
             "timestep": t.float().mean(),
         }
         if hifa_image is not None:
-            with torch.no_grad():
-                x_hat = self.decode_latents(z_hat)
-                if x_hat.shape[-2:] != hifa_image.shape[-2:]:
-                    x_hat = F.interpolate(x_hat, hifa_image.shape[-2:], mode="bilinear", align_corners=False)
-            out["loss_sds_img"] = (omega.to(hifa_image) * (hifa_image - x_hat).pow(2).reshape(B, -1).sum(-1)).mean()
+            out["loss_sds_img"] = sds_plus["loss_image"]  # λ_rgb is the system's lambda_sds_img
         out["unet_calls_step"] = self.unet_calls - calls0
         return out

@@ -1,6 +1,6 @@
 """threestudio guidance ``lods-guidance``: LODS (Learn to Optimize Denoising Scores), ``variant: embedding | lora``.
 
-Thin adapter over :class:`scoredistill.guidance.lods.LODSLearner` (the maths: Eq. 7-10) on the pack's shared
+Thin adapter over :class:`scoredistill.maths.lods.LODSLearner` (the maths: Eq. 7-10) on the pack's shared
 :class:`scoredistill.guidance.base.ScoreDistillationGuidance` (SD loading, text embeddings, timesteps,
 ``loss_sds``).  Per call (``B`` views):
 
@@ -42,7 +42,7 @@ from ..distributed import broadcast_
 from .base import CheckpointedScoreDistillationGuidance
 from .checkpointing import CHECKPOINT_KEY
 from .finite import clone_state
-from .lods import (
+from ..maths.lods import (
     DEFAULT_AUX_STEP_PERCENT,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_LORA_RANK,
@@ -61,7 +61,7 @@ class LODSGuidance(CheckpointedScoreDistillationGuidance):
 
     checkpoint_state_key = "lods-guidance"
     #: ``guidance_scale: .inf`` is the paper's 2D setting (A.1, "CFG infinity"): Eq. 7/9 in the limit
-    #: ``w(t)·(ε(y) − ε_learn)`` (:func:`scoredistill.guidance.lods.normalized_sds_grad`); this guidance never
+    #: ``w(t)·(ε(y) − ε_learn)`` (:func:`scoredistill.maths.lods.normalized_sds_grad`); this guidance never
     #: uses the base's CFG combination, so the base's finite-scale check is relaxed for it
     allows_infinite_guidance_scale = True
 

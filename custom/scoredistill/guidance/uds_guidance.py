@@ -29,7 +29,7 @@ import threestudio
 
 from .._registry import register
 from .base import ScoreDistillationGuidance
-from .uds import (
+from ..maths.uds import (
     DEFAULT_DDIM_STEPS,
     DEFAULT_INTERVAL,
     DEFAULT_RECON_SIGN,

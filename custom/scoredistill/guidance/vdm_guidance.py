@@ -1,7 +1,7 @@
 """threestudio guidance ``vdm-guidance``: DreamMapping's variational distribution mapping (VDM) with
 distribution coefficient annealing (DCA).
 
-Thin adapter over :mod:`scoredistill.guidance.vdm` (the maths: Eq. 17-19, the operator ``M_ψ``) on the pack's
+Thin adapter over :mod:`scoredistill.maths.vdm` (the maths: Eq. 17-19, the operator ``M_ψ``) on the pack's
 shared :class:`scoredistill.guidance.base.ScoreDistillationGuidance` (SD loading, text embeddings, timesteps,
 ``loss_sds``).  Per call with ``B`` views (Alg. 1):
 
@@ -37,9 +37,9 @@ import threestudio
 
 from .._registry import register
 from ..distributed import broadcast_, convert_batchnorm, is_distributed, module_state_tensors
-from ..core.diffusion import add_noise
+from ..maths.diffusion import add_noise
 from .base import CheckpointedScoreDistillationGuidance
-from .vdm import (
+from ..maths.vdm import (
     DEFAULT_DCA_CUTOFF,
     DEFAULT_OPERATOR_LR,
     DEFAULT_ULITE_WIDTHS,
@@ -160,11 +160,11 @@ class VDMGuidance(CheckpointedScoreDistillationGuidance):
         noise = torch.randn_like(latents)
         scale = c.guidance_scale if c.cfg_form == "standard" else c.guidance_scale + 1.0
         with torch.no_grad():
-            x_t = add_noise(latents, noise, self.alphas_cumprod, t)
-            pred = self.predict_noise_cfg(x_t, t, prompt_utils, elevation, azimuth, camera_distances, guidance_scale=scale)
+            latents_noisy = add_noise(latents, noise, self.alphas_cumprod, t)
+            pred = self.predict_noise_cfg(latents_noisy, t, prompt_utils, elevation, azimuth, camera_distances, guidance_scale=scale)
         out = vdm_update(
             pred["noise_pred"],
-            pred["noise_cond"],
+            pred["noise_pred_text"],
             noise,
             t,
             self.alphas_cumprod,

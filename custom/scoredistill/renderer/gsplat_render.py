@@ -34,7 +34,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..core.sync import cpu_path
+from ..sync import cpu_path
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 TRANSMITTANCE_MIN = 1e-4

@@ -4,7 +4,7 @@ HiFA (Zhu et al., ICLR 2024), Sec. 4.2 "Kernel smoothing for coarse-to-fine impo
 coarse-stage weights along each ray are smoothed with a kernel (boxcar ``[1, 1, 1]`` by default,
 trapezoidal ``[0.125, 0.75, 0.125]`` as an option) before inverse-CDF importance resampling, so that
 the fine stage samples the whole neighbourhood of a density peak.  Ray ends are not wrapped
-(:func:`scoredistill.core.hifa.kernel_smooth`).
+(:func:`scoredistill.maths.hifa.kernel_smooth`).
 
 Works with any threestudio implicit geometry that outputs ``density`` (``implicit-volume`` ...), any
 material and background.  Everything is batched per ray (``(n_rays, n_samples)`` tensors) and written in
@@ -36,7 +36,7 @@ from threestudio.models.renderers.base import VolumeRenderer
 
 from .._registry import register
 from ..settings import check_range, parse_settings, run_qualified
-from ..core.hifa import KS_PADDINGS, kernel_smooth, ray_depth_statistics, resolve_kernel, sample_pdf
+from ..maths.hifa import KS_PADDINGS, kernel_smooth, ray_depth_statistics, resolve_kernel, sample_pdf
 
 
 def ray_aabb_near_far(rays_o: torch.Tensor, rays_d: torch.Tensor, bbox: torch.Tensor, near_plane: float, far_plane: float):

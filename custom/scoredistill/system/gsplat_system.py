@@ -37,7 +37,7 @@ from threestudio.systems.utils import get_parameters, parse_scheduler
 
 from scoredistill import distributed
 from scoredistill._registry import register
-from scoredistill.core.sync import log_host
+from scoredistill.sync import log_host
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
 from scoredistill.settings import check_range
@@ -201,7 +201,7 @@ class GsplatSystem(BaseLift3DSystem):
         return float(self.C(self.cfg.loss[name]))
 
     def _log_host(self, name, value, **kwargs):
-        log_host(self, name, value, **kwargs)  # no host-to-device copy per logged number (core.sync.log_host)
+        log_host(self, name, value, **kwargs)  # no host-to-device copy per logged number (scoredistill.sync.log_host)
 
     def training_step(self, batch, batch_idx):
         step = self.true_global_step

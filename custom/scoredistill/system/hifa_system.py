@@ -23,8 +23,8 @@ Total loss (Eq. 9 plus the disparity term of A.1)::
 * **Disparity**: ``transformers.DPTForDepthEstimation.from_pretrained(disparity_model_name_or_path)`` predicts
   relative disparity from the (detached) render; the input follows the checkpoint's own processor
   (``DPTImageProcessor.from_pretrained``: size, resample, keep_aspect_ratio, ensure_multiple_of, mean/std),
-  applied in torch (:func:`scoredistill.core.hifa.dpt_preprocess`); the rendered disparity ``opacity / depth``
-  is fitted on pixels with opacity > 0.5 (:func:`scoredistill.core.hifa.disparity_fit_loss`, per-image
+  applied in torch (:func:`scoredistill.maths.hifa.dpt_preprocess`); the rendered disparity ``opacity / depth``
+  is fitted on pixels with opacity > 0.5 (:func:`scoredistill.maths.hifa.disparity_fit_loss`, per-image
   ``mean``, ``sum`` or ``reference`` (mean · 256² · 0.05/2) of the squared residual by ``disparity_reduction``,
   or the Pearson variant); ``λ_d`` follows ``disparity_schedule`` (``anneal``: ``λ_d (1 - p)``, reference
   default).
@@ -47,12 +47,12 @@ from threestudio.utils.misc import config_to_primitive
 from threestudio.utils.ops import binary_cross_entropy, dot
 
 from .._registry import register
-from ..core.sync import log_host
+from ..sync import log_host
 from ..settings import check_range
 from ..validation import defer_config_snapshot, validate_system_settings
 from ..guidance.checkpointing import attach_resume_check
 from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
-from ..core.hifa import (
+from ..maths.hifa import (
     ANNEALING_SCHEDULES,
     DISPARITY_LOSSES,
     DISPARITY_REDUCTIONS,
@@ -206,7 +206,7 @@ class HiFASystem(DreamFusion):
 
     @staticmethod
     def dpt_input_settings(path: str, model_image_size: int, image_size: Optional[int] = None) -> dict:
-        """:func:`scoredistill.core.hifa.dpt_preprocess` settings from the checkpoint's own processor config
+        """:func:`scoredistill.maths.hifa.dpt_preprocess` settings from the checkpoint's own processor config
         (``DPTImageProcessor.from_pretrained``: size, resample, keep_aspect_ratio, ensure_multiple_of,
         mean/std).  A checkpoint without ``preprocessor_config.json`` gets DPT's published settings at the
         model's ``image_size``: bilinear (resample 2), mean = std = 0.5 (a warning says so)."""
@@ -297,7 +297,7 @@ class HiFASystem(DreamFusion):
         )
 
     def _log_host(self, name, value, **kwargs):
-        log_host(self, name, value, **kwargs)  # no host-to-device copy per logged number (core.sync.log_host)
+        log_host(self, name, value, **kwargs)  # no host-to-device copy per logged number (scoredistill.sync.log_host)
 
     def training_step(self, batch, batch_idx):
         out = self(batch)

@@ -1,7 +1,10 @@
 """Diffusion maths shared by the pack's guidances (plain functions over tensors, no threestudio).
 
 Notation (diffusers / threestudio, ../shared/METHODS.md): ``alphas_cumprod[t]`` = ᾱ_t, ``a_t = sqrt(ᾱ_t)``,
-``s_t = sqrt(1 - ᾱ_t)``; ε_φ(x_t, t, y) is the UNet noise prediction; latents are SD latents ``(B, 4, h, w)``.
+``s_t = sqrt(1 - ᾱ_t)``; latents are SD latents ``(B, 4, h, w)``.  Code names (threestudio's) for the papers'
+symbols: ``latents`` x_0 / z, ``latents_noisy`` x_t / z_t, ``noise`` ε, ``noise_pred_text`` ε_φ(x_t, t, y),
+``noise_pred_uncond`` ε_φ(x_t, t, ∅), ``noise_pred_neg`` ε_φ(x_t, t, y_neg), ``noise_pred`` the guided ε̃_φ (or
+any single prediction ε̂); ``eps_fn`` is the UNet ε_φ itself.
 
 Timesteps ``t`` are integers in ``[0, T)`` (``T = alphas_cumprod.shape[0]``, 1000 for SD), given as a python
 int, a 0-d tensor or a ``(B,)`` tensor (one per sample).  Every function broadcasts ``ᾱ_t`` over the
@@ -20,19 +23,18 @@ Contents:
 * :func:`sds_weight` -- w(t) of SDS (``sds`` = 1-ᾱ_t, ``uniform`` = 1, ``fantasia3d`` = sqrt(ᾱ_t)(1-ᾱ_t);
   on request ``luciddreamer`` = sqrt((1-ᾱ_t)/ᾱ_t)).
 * timestep helpers: :func:`percent_to_step`, :func:`step_range`, :func:`sample_timesteps`,
-  :func:`linear_anneal`, :func:`sqrt_anneal_timestep`.
+  :func:`linear_anneal` (HiFA's Eq. 5 schedule is :func:`scoredistill.maths.hifa.annealed_timestep`).
 * :func:`predict_cond_uncond` -- ``(ε(x_t; y), ε(x_t; ∅))`` in one batched (2B) noise-prediction call.
 * :func:`sds_grad` -- plain SDS (DreamFusion) gradient with CFG, used as the baseline in benchmarks/tests.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .sync import to_device
+from ..sync import to_device
 
 Timestep = Union[int, torch.Tensor]
 
@@ -89,13 +91,13 @@ def grad_to_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- guidance combinations
-def cfg_combine(noise_cond: torch.Tensor, noise_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+def cfg_combine(noise_pred_text: torch.Tensor, noise_pred_uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance ``ε̃ = ε(∅) + s·(ε(y) − ε(∅))`` (GE3D after Eq. 4; Ho & Salimans 2022).
 
     ``scale = 1`` gives the conditional prediction, ``0`` the unconditional one.  (threestudio's SDS uses
     ``ε(y) + s·(ε(y) − ε(∅))``, i.e. this with ``s + 1``.)
     """
-    return noise_uncond + scale * (noise_cond - noise_uncond)
+    return noise_pred_uncond + scale * (noise_pred_text - noise_pred_uncond)
 
 
 def perpendicular_component(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -107,9 +109,9 @@ def perpendicular_component(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12
 
 
 def perp_neg_combine(
-    noise_pos: torch.Tensor,
-    noise_uncond: torch.Tensor,
-    noise_neg: torch.Tensor,
+    noise_pred_text: torch.Tensor,
+    noise_pred_uncond: torch.Tensor,
+    noise_pred_neg: torch.Tensor,
     neg_weights: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
@@ -121,34 +123,36 @@ def perp_neg_combine(
     them already negative, so they are *added*.
 
     Args:
-        noise_pos, noise_uncond: ``(B, C, H, W)``.
-        noise_neg: ``(B*N, C, H, W)``, negatives interleaved per sample (sample b's i-th at ``b*N + i``),
+        noise_pred_text, noise_pred_uncond: ``(B, C, H, W)`` ε(y_pos), ε(∅).
+        noise_pred_neg: ``(B*N, C, H, W)`` ε(y_neg_i), negatives interleaved per sample (sample b's i-th at ``b*N + i``),
             as threestudio orders them.
         neg_weights: ``(B, N)``.
     """
-    B = noise_pos.shape[0]
+    B = noise_pred_text.shape[0]
     N = neg_weights.shape[-1]
-    if noise_neg.shape[0] != B * N:
-        raise ValueError(f"noise_neg must have B*N = {B * N} samples, got {noise_neg.shape[0]}")
-    e_pos = noise_pos - noise_uncond
+    if noise_pred_neg.shape[0] != B * N:
+        raise ValueError(f"noise_pred_neg must have B*N = {B * N} samples, got {noise_pred_neg.shape[0]}")
+    e_pos = noise_pred_text - noise_pred_uncond
     acc = torch.zeros_like(e_pos)
     for i in range(N):
-        e_neg = noise_neg[i::N] - noise_uncond
+        e_neg = noise_pred_neg[i::N] - noise_pred_uncond
         acc = acc + neg_weights[:, i].to(e_pos).view(-1, *([1] * (e_pos.dim() - 1))) * perpendicular_component(e_neg, e_pos)
-    return noise_uncond + scale * (e_pos + acc)
+    return noise_pred_uncond + scale * (e_pos + acc)
 
 
 # ----------------------------------------------------------------------------- forward process / DDIM
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: Timestep) -> torch.Tensor:
-    """``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε`` (GE3D Eq. 1; identical to ``DDPMScheduler.add_noise``)."""
-    a = abar_at(alphas_cumprod, t, x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: Timestep) -> torch.Tensor:
+    """``latents_noisy`` ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε`` of ``latents`` x_0 (GE3D Eq. 1; identical to
+    ``DDPMScheduler.add_noise``)."""
+    a = abar_at(alphas_cumprod, t, latents)
+    return a.sqrt() * latents + (1 - a).sqrt() * noise
 
 
-def tweedie_x0(x_t: torch.Tensor, noise_pred: torch.Tensor, alphas_cumprod: torch.Tensor, t: Timestep) -> torch.Tensor:
-    """One-step estimate ``x̂_0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)`` (Tweedie; GE3D Eq. 4)."""
-    a = abar_at(alphas_cumprod, t, x_t)
-    return (x_t - (1 - a).sqrt() * noise_pred) / a.sqrt()
+def tweedie_x0(latents_noisy: torch.Tensor, noise_pred: torch.Tensor, alphas_cumprod: torch.Tensor, t: Timestep) -> torch.Tensor:
+    """One-step estimate ``x̂_0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)`` of ``latents_noisy`` x_t and ``noise_pred`` ε̂
+    (Tweedie; GE3D Eq. 4)."""
+    a = abar_at(alphas_cumprod, t, latents_noisy)
+    return (latents_noisy - (1 - a).sqrt() * noise_pred) / a.sqrt()
 
 
 def ddim_delta(alphas_cumprod: torch.Tensor, t_from: Timestep, t_to: Timestep, like: torch.Tensor) -> torch.Tensor:
@@ -160,7 +164,7 @@ def ddim_delta(alphas_cumprod: torch.Tensor, t_from: Timestep, t_to: Timestep, l
 
 
 def ddim_step(
-    x: torch.Tensor, noise_pred: torch.Tensor, alphas_cumprod: torch.Tensor, t_from: Timestep, t_to: Timestep
+    latents_noisy: torch.Tensor, noise_pred: torch.Tensor, alphas_cumprod: torch.Tensor, t_from: Timestep, t_to: Timestep
 ) -> torch.Tensor:
     """Deterministic DDIM move (η = 0) from timestep ``t_from`` to ``t_to`` (either direction), GE3D Eq. 2:
 
@@ -170,12 +174,12 @@ def ddim_step(
     ``t_to > t_from`` is DDIM inversion (noising), ``t_to < t_from`` a DDIM sampling step.
 
     Args:
-        x: ``(B, ...)`` latents at ``t_from``; noise_pred: same shape, ε̂ evaluated at ``(x, t_from)`` for
-            sampling or at the inversion's current point for noising.
+        latents_noisy: ``(B, ...)`` x_from, the latents at ``t_from``; noise_pred: same shape, ε̂ evaluated at
+            ``(x_from, t_from)`` for sampling or at the inversion's current point for noising.
     """
-    a_f = abar_at(alphas_cumprod, t_from, x)
-    a_t = abar_at(alphas_cumprod, t_to, x)
-    x0 = (x - (1 - a_f).sqrt() * noise_pred) / a_f.sqrt()
+    a_f = abar_at(alphas_cumprod, t_from, latents_noisy)
+    a_t = abar_at(alphas_cumprod, t_to, latents_noisy)
+    x0 = (latents_noisy - (1 - a_f).sqrt() * noise_pred) / a_f.sqrt()
     return a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise_pred
 
 
@@ -191,7 +195,7 @@ def sds_weight(
 
     ``"sds"``: ``1 − ᾱ_t`` (DreamFusion / threestudio default); ``"uniform"``: 1;
     ``"fantasia3d"``: ``sqrt(ᾱ_t)(1 − ᾱ_t)``; ``"luciddreamer"``: ``sqrt((1 − ᾱ_t)/ᾱ_t)`` (only if in ``allowed``,
-    e.g. DreamMapping's :data:`scoredistill.guidance.vdm.VDM_WEIGHTINGS`).
+    e.g. DreamMapping's :data:`scoredistill.maths.vdm.VDM_WEIGHTINGS`).
 
     Raises:
         ValueError: ``strategy`` not in ``allowed`` (a subset of :data:`ALL_WEIGHTING_STRATEGIES`).
@@ -250,25 +254,23 @@ def linear_anneal(start: float, end: float, step: int, total_steps: int) -> floa
     return float(start + (end - start) * r)
 
 
-def sqrt_anneal_timestep(t_max: float, t_min: float, step: int, total_steps: int) -> float:
-    """HiFA Eq. 5: ``t = t_max − (t_max − t_min)·sqrt(step / total_steps)`` (clamped to the range)."""
-    r = 1.0 if total_steps <= 0 else min(max(step / total_steps, 0.0), 1.0)
-    return float(t_max - (t_max - t_min) * math.sqrt(r))
-
-
 # ----------------------------------------------------------------------------- SDS baseline
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def predict_cond_uncond(
-    eps_fn: EpsFn, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
+    eps_fn: EpsFn, latents_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(ε(x_t, t, cond), ε(x_t, t, uncond))`` from ONE ``eps_fn`` call of batch ``2B`` (conditional half first).
+    """``(noise_pred_text, noise_pred_uncond)`` = ``(ε(x_t, t, cond), ε(x_t, t, uncond))`` from ONE ``eps_fn`` call
+    of batch ``2B`` (conditional half first).
 
-    Args: x_t ``(B, C, H, W)``; t ``(B,)``; cond, uncond ``(B, L, E)``.  Gradients flow if the caller enables them.
+    Args: latents_noisy ``(B, C, H, W)``; t ``(B,)``; cond, uncond ``(B, L, E)``.  Gradients flow if the caller
+    enables them.
     """
-    eps = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
-    return eps[: x_t.shape[0]], eps[x_t.shape[0] :]
+    noise_pred_text, noise_pred_uncond = eps_fn(
+        torch.cat([latents_noisy, latents_noisy]), torch.cat([t, t]), torch.cat([cond, uncond])
+    ).chunk(2)
+    return noise_pred_text, noise_pred_uncond
 
 
 @torch.no_grad()
@@ -295,6 +297,6 @@ def sds_grad(
     """
     if noise is None:
         noise = torch.randn_like(latents)
-    x_t = add_noise(latents, noise, alphas_cumprod, t)
-    e_c, e_u = predict_cond_uncond(eps_fn, x_t, t, cond, uncond)
-    return sds_weight(alphas_cumprod, t, weighting_strategy, like=latents) * (cfg_combine(e_c, e_u, guidance_scale) - noise)
+    latents_noisy = add_noise(latents, noise, alphas_cumprod, t)
+    noise_pred_text, noise_pred_uncond = predict_cond_uncond(eps_fn, latents_noisy, t, cond, uncond)
+    return sds_weight(alphas_cumprod, t, weighting_strategy, like=latents) * (cfg_combine(noise_pred_text, noise_pred_uncond, guidance_scale) - noise)

@@ -30,9 +30,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..core.sync import host_only, to_device
+from ..sync import host_only, to_device
 
-from ..core.diffusion import add_noise, ddim_step, linear_anneal
+from .diffusion import add_noise, ddim_step, linear_anneal
 
 #: ``eps_fn(x (B,C,H,W), t: int) -> ε (B,C,H,W)``
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -188,8 +188,8 @@ def dbc_weights(n: int, step: int, total_steps: int, sigma: float = 1000.0, enab
 
 # ----------------------------------------------------------------------------- Algorithm 1
 def ge3d_trajectories(
-    eps_uncond: EpsFn,
-    eps_guided: EpsFn,
+    noise_pred_uncond_fn: EpsFn,
+    noise_pred_fn: EpsFn,
     latents: torch.Tensor,
     timesteps: Sequence[int],
     alphas_cumprod: torch.Tensor,
@@ -197,8 +197,8 @@ def ge3d_trajectories(
     """The two trajectories of Algorithm 1 (lines 4-16).
 
     Args:
-        eps_uncond: ``ε_φ(x, t, ∅)``, called once per inversion step at ``t = t_0 .. t_{n-1}``.
-        eps_guided: ``ε̃_φ(x, t, y, ∅)`` (CFG or Perp-Neg), called once per denoising step at
+        noise_pred_uncond_fn: ``ε_φ(x, t, ∅)``, called once per inversion step at ``t = t_0 .. t_{n-1}``.
+        noise_pred_fn: ``ε̃_φ(x, t, y, ∅)`` (CFG or Perp-Neg), called once per denoising step at
             ``t = t_n .. t_1``.
         latents: ``x_{t_0}``, ``(B, C, H, W)`` (no gradient needed).
         timesteps: ``[t_0, ..., t_n]`` strictly increasing in ``[0, T)``.
@@ -210,19 +210,19 @@ def ge3d_trajectories(
     n = len(ts) - 1
     xs = [latents]
     for i in range(n):  # noising: DDIM inversion with ∅
-        eps = eps_uncond(xs[i], ts[i])
-        xs.append(ddim_step(xs[i], eps, alphas_cumprod, ts[i], ts[i + 1]))
-    xt = [None] * (n + 1)
-    xt[n] = xs[n]
+        noise_pred_uncond = noise_pred_uncond_fn(xs[i], ts[i])
+        xs.append(ddim_step(xs[i], noise_pred_uncond, alphas_cumprod, ts[i], ts[i + 1]))
+    xs_tilde = [None] * (n + 1)
+    xs_tilde[n] = xs[n]
     for i in range(n - 1, -1, -1):  # denoising with CFG along the same nodes
-        eps = eps_guided(xt[i + 1], ts[i + 1])
-        xt[i] = ddim_step(xt[i + 1], eps, alphas_cumprod, ts[i + 1], ts[i])
-    return xs, xt
+        noise_pred = noise_pred_fn(xs_tilde[i + 1], ts[i + 1])
+        xs_tilde[i] = ddim_step(xs_tilde[i + 1], noise_pred, alphas_cumprod, ts[i + 1], ts[i])
+    return xs, xs_tilde
 
 
 def ge3d_grad(
-    eps_uncond: EpsFn,
-    eps_guided: EpsFn,
+    noise_pred_uncond_fn: EpsFn,
+    noise_pred_fn: EpsFn,
     latents: torch.Tensor,
     timesteps: Sequence[int],
     alphas_cumprod: torch.Tensor,
@@ -234,7 +234,7 @@ def ge3d_grad(
     """GE3D latent gradient ``Σ_{i=0}^{n-1} ω̃_i (x_{t_i} − x̃_{t_i})`` (Alg. 1 line 17, Eq. 11).
 
     Args:
-        eps_uncond, eps_guided, timesteps, alphas_cumprod: see :func:`ge3d_trajectories`.
+        noise_pred_uncond_fn, noise_pred_fn, timesteps, alphas_cumprod: see :func:`ge3d_trajectories`.
         latents: the render's latents ``(B, C, H, W)``; used as ``x_{t_0}`` (Alg. 1 line 3).
         weights: ``(n,)`` ω̃ (e.g. :func:`dbc_weights`); default uniform ``1/n``.
         noise_to_first_node: option (not in Alg. 1): start from ``x_{t_0} = add_noise(latents, ε, t_0)``
@@ -265,13 +265,13 @@ def ge3d_grad(
         if offset_noise > 0:
             noise = noise + offset_noise * torch.randn((B, C) + (1,) * (x0.dim() - 2), generator=generator, dtype=x0.dtype, device=gdev).to(x0.device)
         x0 = add_noise(x0, noise, alphas_cumprod, ts[0])
-    xs, xt = ge3d_trajectories(eps_uncond, eps_guided, x0, ts, alphas_cumprod)
+    xs, xs_tilde = ge3d_trajectories(noise_pred_uncond_fn, noise_pred_fn, x0, ts, alphas_cumprod)
     w = to_device(weights, x0.device).to(dtype=x0.dtype)  # a host tensor: pinned, non-blocking copy
-    diffs = [xs[i] - xt[i] for i in range(n)]
+    diffs = [xs[i] - xs_tilde[i] for i in range(n)]
     grad = sum(w[i] * diffs[i] for i in range(n))
     info = {
         "xs": torch.stack(xs),
-        "xs_tilde": torch.stack(xt),
+        "xs_tilde": torch.stack(xs_tilde),
         "residuals": torch.stack([d.pow(2).mean().sqrt() for d in diffs]),
         "weights": w,
     }

@@ -1,11 +1,12 @@
-"""HiFA maths (scoredistill.core.hifa) against the paper's equations, computed independently."""
+"""HiFA maths (scoredistill.maths.hifa) against the paper's equations, computed independently."""
 import math
 
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from scoredistill.core import hifa
+from scoredistill.maths import hifa
+from scoredistill.maths.diffusion import tweedie_x0
 from scoredistill.testing.exact_score_prior import sd_alphas_cumprod
 from scoredistill.testing.tiny_models import SD_SCHEDULER_CONFIG
 
@@ -31,16 +32,21 @@ def test_omega_makes_latent_term_gradient_equal_dreamfusion_sds():
     t = torch.tensor([120, 870])
     a = ABAR[t].view(-1, 1, 1, 1)
     z_t = a.sqrt() * z + (1 - a).sqrt() * eps
-    z_hat = hifa.tweedie_denoise(z_t, eps_hat, ABAR, t)
+    z_hat = tweedie_x0(z_t, eps_hat, ABAR, t)
     for weighting, w in [("sds", 1 - a), ("uniform", torch.ones_like(a)), ("fantasia3d", a.sqrt() * (1 - a))]:
         zz = z.clone().requires_grad_(True)
         om = hifa.omega_weight(ABAR, t, weighting)
         loss = hifa.sds_plus_loss(zz, z_hat, om)["loss_latent"] * z.shape[0]  # undo batch mean
         (grad,) = torch.autograd.grad(loss, zz)
         torch.testing.assert_close(grad, w * (eps_hat - eps), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hifa.sds_plus_grad(z, z_hat, om), grad)  # B · ∇ loss_latent
+        # ω(t) = w(t) α_t / (2 σ_t) written out, w(t) from the shared sds_weight's closed forms
+        torch.testing.assert_close(om, (w * a.sqrt() / (2 * (1 - a).sqrt())).view(-1))
     assert torch.allclose(hifa.omega_weight(ABAR, t, "constant"), torch.full((2,), 0.5))
     with pytest.raises(ValueError, match="weighting"):
         hifa.omega_weight(ABAR, t, "nope")
+    with pytest.raises(ValueError, match="timestep"):
+        hifa.omega_weight(ABAR, torch.tensor([1000]), "sds")
 
 
 def test_sds_plus_equals_eq4_tweedie_target():
@@ -51,7 +57,7 @@ def test_sds_plus_equals_eq4_tweedie_target():
     z_t = torch.randn(3, 4, 4, 4, generator=g)
     eps_hat = torch.randn(3, 4, 4, 4, generator=g)
     t = torch.tensor([50, 500, 950])
-    z_hat = hifa.tweedie_denoise(z_t, eps_hat, ABAR, t)
+    z_hat = tweedie_x0(z_t, eps_hat, ABAR, t)
     # independent: Alg. 1 line 5 and Eq. 4 written out item by item
     expected = 0.0
     for b in range(3):
@@ -135,6 +141,7 @@ def test_annealed_timestep_follows_eq5_and_alternatives():
     assert hifa.annealed_timestep(total, total, t_min, t_max) == t_min
     # sqrt decreases steeply first: a quarter of training already covers half the range
     assert hifa.annealed_timestep(2500, total, t_min, t_max) == (t_max + t_min) // 2
+    assert hifa.annealed_timestep(25, 100, 20, 980) == 980 - 960 * 0.5  # Eq. 5 over the threestudio range
     g = torch.Generator().manual_seed(0)
     rs = [hifa.annealed_timestep(5000, total, t_min, t_max, "random", g) for _ in range(200)]
     assert min(rs) >= t_min and max(rs) <= t_max and len(set(rs)) > 50

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from scoredistill.distributed import all_reduce_grads_
 from scoredistill.guidance.finite import finite_ok, make_capturable, step_if_finite
-from scoredistill.core.diffusion import (
+from scoredistill.maths.diffusion import (
     WEIGHTING_STRATEGIES,
     EpsFn,
     Timestep,
@@ -403,7 +403,7 @@ def vdm_weight(alphas_cumprod: torch.Tensor, t: Timestep, strategy: str = "sds",
     return sds_weight(alphas_cumprod, t, strategy, like=like, allowed=VDM_WEIGHTINGS)
 
 
-def guided_noise(noise_cond: torch.Tensor, noise_uncond: torch.Tensor, scale: float, form: str = "standard") -> torch.Tensor:
+def guided_noise(noise_pred_text: torch.Tensor, noise_pred_uncond: torch.Tensor, scale: float, form: str = "standard") -> torch.Tensor:
     """CFG noise prediction: ``"standard"`` ``ε(∅) + s(ε(y) − ε(∅))``; ``"paper"`` (Eq. 4) ``ε(y) + s(ε(y) − ε(∅))``.
 
     Raises:
@@ -411,7 +411,7 @@ def guided_noise(noise_cond: torch.Tensor, noise_uncond: torch.Tensor, scale: fl
     """
     if form not in CFG_FORMS:
         raise ValueError(f"cfg_form must be one of {CFG_FORMS}, got {form!r}")
-    return cfg_combine(noise_cond, noise_uncond, scale if form == "standard" else scale + 1.0)
+    return cfg_combine(noise_pred_text, noise_pred_uncond, scale if form == "standard" else scale + 1.0)
 
 
 def operator_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -426,17 +426,17 @@ def operator_loss(predicted: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(predicted, noise.to(predicted.dtype))
 
 
-def vdm_grad(eps_guided: torch.Tensor, operator_out: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def vdm_grad(noise_pred: torch.Tensor, operator_out: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Eq. 19 (without the Jacobian ∂x/∂θ): ``ω(t) · (ε_φ(x_t, t, y) − λ_t · M_ψ(ε_φ(x_t, t, y)))``.
 
     Args:
-        eps_guided: ``(B, C, H, W)`` the (CFG) noise prediction.
+        noise_pred: ``(B, C, H, W)`` the (CFG) noise prediction ε̃_φ(x_t, t, y).
         operator_out: ``(B, C, H, W)`` ``M_ψ(·)`` (detached here).
         lam, weight: ``(B, 1, 1, 1)`` (or broadcastable) λ_t and ω(t).
     Returns:
         ``(B, C, H, W)`` gradient on the clean latents, detached.
     """
-    return (weight * (eps_guided - lam * operator_out.detach())).detach()
+    return (weight * (noise_pred - lam * operator_out.detach())).detach()
 
 
 # ============================================================================ operator training
@@ -564,7 +564,7 @@ def validate_vdm_config(
 
 def vdm_update(
     noise_pred: torch.Tensor,
-    noise_pred_cond: torch.Tensor,
+    noise_pred_text: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
@@ -587,7 +587,7 @@ def vdm_update(
 
     Args:
         noise_pred: ``(B, C, H, W)`` guided prediction ε_φ(x_t, t, y) (CFG; Eq. 19's first term).
-        noise_pred_cond: ``(B, C, H, W)`` conditional prediction (the operator's input if ``operator_input="cond"``).
+        noise_pred_text: ``(B, C, H, W)`` conditional prediction ε_φ(x_t, t, y) (the operator's input if ``operator_input="cond"``).
         noise: ``(B, C, H, W)`` the ε used to form x_t (Eq. 17's target).
         t: ``(B,)`` integer timesteps.
         mapping: ``M_ψ`` and its optimizer; trained once (``steps_per_iter`` times) here if ``train_operator``.
@@ -599,8 +599,8 @@ def vdm_update(
     """
     if operator_input not in OPERATOR_INPUTS:
         raise ValueError(f"operator_input must be one of {OPERATOR_INPUTS}, got {operator_input!r}")
-    noise_pred, noise_pred_cond = noise_pred.detach(), noise_pred_cond.detach()
-    op_in = noise_pred if operator_input == "cfg" else noise_pred_cond
+    noise_pred, noise_pred_text = noise_pred.detach(), noise_pred_text.detach()
+    op_in = noise_pred if operator_input == "cfg" else noise_pred_text
     if train_operator:
         op_out, loss_op = mapping.train_step(op_in, noise)
         if refresh_after_update:
@@ -658,7 +658,7 @@ def vdm_step(
         train_operator: run the Eq. 17 update (``False``: only evaluate ``M_ψ``, e.g. for validation).
         noise: ε (default ``randn_like(latents)``).
     Returns:
-        :func:`vdm_update`'s dict plus ``noise``, ``noise_pred`` (CFG), ``noise_pred_cond``,
+        :func:`vdm_update`'s dict plus ``noise``, ``noise_pred`` (CFG), ``noise_pred_text``,
         ``noise_pred_uncond``, ``timesteps``.
     Raises:
         ValueError: a bad setting (:func:`validate_vdm_config`).
@@ -671,10 +671,10 @@ def vdm_step(
     if t.numel() == 1 and latents.shape[0] > 1:
         t = t.expand(latents.shape[0])
     with torch.no_grad():
-        x_t = add_noise(latents, noise, alphas_cumprod, t)
-        e_c, e_u = (e.detach() for e in predict_cond_uncond(eps_fn, x_t, t, cond, uncond))
-        e_cfg = guided_noise(e_c, e_u, guidance_scale, cfg_form)
-    out = vdm_update(e_cfg, e_c, noise, t, alphas_cumprod, mapping, operator_input, dca, dca_cutoff,
+        latents_noisy = add_noise(latents, noise, alphas_cumprod, t)
+        noise_pred_text, noise_pred_uncond = (e.detach() for e in predict_cond_uncond(eps_fn, latents_noisy, t, cond, uncond))
+        noise_pred = guided_noise(noise_pred_text, noise_pred_uncond, guidance_scale, cfg_form)
+    out = vdm_update(noise_pred, noise_pred_text, noise, t, alphas_cumprod, mapping, operator_input, dca, dca_cutoff,
                      dca_inclusive, weighting_strategy, train_operator, refresh_after_update, x_t_jacobian)
-    out.update(noise=noise, noise_pred=e_cfg, noise_pred_cond=e_c, noise_pred_uncond=e_u, timesteps=t)
+    out.update(noise=noise, noise_pred=noise_pred, noise_pred_text=noise_pred_text, noise_pred_uncond=noise_pred_uncond, timesteps=t)
     return out

@@ -27,7 +27,7 @@ Terms
 * editing (Alg. 1 lines 4-11, Eq. 14), shared ε and camera, source render ``x_0^src`` of a frozen model:
     ``grad = ω(t) · ( x̂_0^tgt − x̂_0^src + w·(δ^cls_{x_t^tgt}(y_tgt) − δ^cls_{x_t^src}(y_src)) )``
   applied to the target only (the source latents are detached).
-* ω(t): :func:`scoredistill.core.diffusion.sds_weight` (the paper leaves ω(t) unspecified; Eq. 19 applies
+* ω(t): :func:`scoredistill.maths.diffusion.sds_weight` (the paper leaves ω(t) unspecified; Eq. 19 applies
   it to both terms, which is what is done here).
 
 UNet cost per step (B views, n = ddim_steps; tweedie ≡ n = 1), each row one batched call:
@@ -43,7 +43,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, ddim_step, sds_weight, tweedie_x0
+from .diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, ddim_step, sds_weight, tweedie_x0
 
 MODES = ("generation", "editing")
 X0_ESTIMATORS = ("tweedie", "ddim")
@@ -100,9 +100,9 @@ def validate_uds_options(
         )
 
 
-def classifier_delta(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+def classifier_delta(noise_pred_text: torch.Tensor, noise_pred_uncond: torch.Tensor) -> torch.Tensor:
     """``δ^cls = ε_φ(x_t,t,y) − ε_φ(x_t,t,∅)`` (UDS Eq. 5)."""
-    return eps_cond - eps_uncond
+    return noise_pred_text - noise_pred_uncond
 
 
 def interval_timestep(t: torch.Tensor, interval: int) -> torch.Tensor:
@@ -122,40 +122,40 @@ def ddim_node_timesteps(t: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 def ddim_x0_chain(
     eps_fn: EpsFn,
-    x_t: torch.Tensor,
+    latents_noisy: torch.Tensor,
     t: torch.Tensor,
     uncond: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     num_steps: int,
-    eps_first: torch.Tensor,
+    noise_pred_uncond_first: torch.Tensor,
 ) -> Tuple[torch.Tensor, int]:
-    """x̂_0 by deterministic unconditional DDIM sampling (UDS Eq. 15), batched over the chains in ``x_t``.
+    """x̂_0 by deterministic unconditional DDIM sampling (UDS Eq. 15), batched over the chains in ``latents_noisy``.
 
     Args:
-        x_t: ``(N, C, H, W)`` start points (several chains concatenated, each with its own ``t``).
+        latents_noisy: ``(N, C, H, W)`` start points x_t (several chains concatenated, each with its own ``t``).
         t: ``(N,)`` long start timesteps.
         uncond: ``(N, L, E)`` unconditional embeddings.
         num_steps: ``n >= 1`` UNet evaluations per chain (nodes from :func:`ddim_node_timesteps`).
-        eps_first: ``ε_φ(x_t, t, ∅)`` ``(N, C, H, W)``, already computed (the first node's prediction).
+        noise_pred_uncond_first: ``ε_φ(x_t, t, ∅)`` ``(N, C, H, W)``, already computed (the first node's prediction).
     Returns:
         ``(x̂_0 (N, C, H, W), number of eps_fn calls made = n − 1)``.
     """
     nodes = ddim_node_timesteps(t, num_steps)
-    x, eps, calls = x_t, eps_first, 0
+    x, noise_pred_uncond, calls = latents_noisy, noise_pred_uncond_first, 0
     for k in range(1, num_steps):
-        x = ddim_step(x, eps, alphas_cumprod, nodes[k - 1], nodes[k])
-        eps = eps_fn(x, nodes[k], uncond)
+        x = ddim_step(x, noise_pred_uncond, alphas_cumprod, nodes[k - 1], nodes[k])
+        noise_pred_uncond = eps_fn(x, nodes[k], uncond)
         calls += 1
-    return tweedie_x0(x, eps, alphas_cumprod, nodes[-1]), calls
+    return tweedie_x0(x, noise_pred_uncond, alphas_cumprod, nodes[-1]), calls
 
 
 def estimate_x0(
     eps_fn: EpsFn,
-    x_t: torch.Tensor,
+    latents_noisy: torch.Tensor,
     t: torch.Tensor,
     uncond: torch.Tensor,
     alphas_cumprod: torch.Tensor,
-    eps_uncond: torch.Tensor,
+    noise_pred_uncond: torch.Tensor,
     estimator: str = "tweedie",
     ddim_steps: int = DEFAULT_DDIM_STEPS,
 ) -> Tuple[torch.Tensor, int]:
@@ -164,9 +164,9 @@ def estimate_x0(
     Returns ``(x̂_0, extra eps_fn calls)``.  Raises ``ValueError`` for an unknown ``estimator``.
     """
     if estimator == "tweedie":
-        return tweedie_x0(x_t, eps_uncond, alphas_cumprod, t), 0
+        return tweedie_x0(latents_noisy, noise_pred_uncond, alphas_cumprod, t), 0
     if estimator == "ddim":
-        return ddim_x0_chain(eps_fn, x_t, t, uncond, alphas_cumprod, ddim_steps, eps_uncond)
+        return ddim_x0_chain(eps_fn, latents_noisy, t, uncond, alphas_cumprod, ddim_steps, noise_pred_uncond)
     raise ValueError(f"uds-guidance: x0_estimator must be one of {X0_ESTIMATORS}, got {estimator!r}")
 
 
@@ -238,7 +238,7 @@ def uds_generation_grad(
         guidance_scale: ``w`` (paper 7.5); interval: ``c`` (``t − c`` clamped at 0).
         x0_estimator: ``"tweedie"`` (Eq. 10) or ``"ddim"`` (Eq. 15, ``ddim_steps`` UNet calls per chain).
         recon_sign: ``"printed"`` (x̂_0^t − x̂_0^{t−c}, Eq. 16) or ``"reversed"`` (x̂_0^{t−c} − x̂_0^t).
-        weighting_strategy: ω(t), see :func:`scoredistill.core.diffusion.sds_weight`.
+        weighting_strategy: ω(t), see :func:`scoredistill.maths.diffusion.sds_weight`.
         noise: the shared ε (default ``torch.randn(latents.shape)``, independent of memory layout).
     Returns:
         :class:`UDSTerms` (``x0_a`` = x̂_0^t, ``x0_b`` = x̂_0^{t−c}); ``unet_calls`` = ``1`` (tweedie) or
@@ -257,23 +257,23 @@ def uds_generation_grad(
     if noise is None:
         noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device)
     t_prev = interval_timestep(t, interval)
-    x_t = add_noise(x0, noise, alphas_cumprod, t)
-    x_p = add_noise(x0, noise, alphas_cumprod, t_prev)  # the SAME ε (Alg. 1 line 15)
+    latents_noisy = add_noise(x0, noise, alphas_cumprod, t)
+    latents_noisy_prev = add_noise(x0, noise, alphas_cumprod, t_prev)  # the SAME ε (Alg. 1 line 15)
     f = _CountingEps(eps_fn)
-    xs, ts, es = [x_t, x_t], [t, t], [cond, uncond]
+    xs, ts, es = [latents_noisy, latents_noisy], [t, t], [cond, uncond]
     if neg is not None:
-        xs.append(x_t), ts.append(t), es.append(neg)
-    xs.append(x_p), ts.append(t_prev), es.append(uncond)
+        xs.append(latents_noisy), ts.append(t), es.append(neg)
+    xs.append(latents_noisy_prev), ts.append(t_prev), es.append(uncond)
     out = f(torch.cat(xs), torch.cat(ts), torch.cat(es))
     parts = out.split(B)
-    e_c, e_u = parts[0], parts[1]
-    e_n = parts[2] if neg is not None else None
-    e_p = parts[-1]
-    cls = classifier_delta(e_c, e_u)
-    if e_n is not None:
-        cls = cls - classifier_delta(e_n, e_u)  # Eq. 17: δ^cls(y) − δ^cls(y_neg) = ε(y) − ε(y_neg)
-    x0s, _ = estimate_x0(f, torch.cat([x_t, x_p]), torch.cat([t, t_prev]), torch.cat([uncond, uncond]),
-                         alphas_cumprod, torch.cat([e_u, e_p]), x0_estimator, ddim_steps)
+    noise_pred_text, noise_pred_uncond = parts[0], parts[1]
+    noise_pred_neg = parts[2] if neg is not None else None
+    noise_pred_uncond_prev = parts[-1]
+    cls = classifier_delta(noise_pred_text, noise_pred_uncond)
+    if noise_pred_neg is not None:
+        cls = cls - classifier_delta(noise_pred_neg, noise_pred_uncond)  # Eq. 17: δ^cls(y) − δ^cls(y_neg) = ε(y) − ε(y_neg)
+    x0s, _ = estimate_x0(f, torch.cat([latents_noisy, latents_noisy_prev]), torch.cat([t, t_prev]), torch.cat([uncond, uncond]),
+                         alphas_cumprod, torch.cat([noise_pred_uncond, noise_pred_uncond_prev]), x0_estimator, ddim_steps)
     x0_t, x0_p = x0s.split(B)
     recon = x0_t - x0_p if recon_sign == "printed" else x0_p - x0_t
     weight = sds_weight(alphas_cumprod, t, weighting_strategy, like=x0)
@@ -334,15 +334,15 @@ def uds_editing_grad(
             raise ValueError(f"{name} embeddings must have batch {B}, got {emb.shape[0]}")
     if noise is None:
         noise = torch.randn(x_tgt.shape, dtype=x_tgt.dtype, device=x_tgt.device)
-    xt_tgt = add_noise(x_tgt, noise, alphas_cumprod, t)
-    xt_src = add_noise(x_src, noise, alphas_cumprod, t)  # the SAME ε
+    latents_noisy_tgt = add_noise(x_tgt, noise, alphas_cumprod, t)
+    latents_noisy_src = add_noise(x_src, noise, alphas_cumprod, t)  # the SAME ε
     f = _CountingEps(eps_fn)
-    out = f(torch.cat([xt_tgt, xt_tgt, xt_src, xt_src]), torch.cat([t, t, t, t]),
+    out = f(torch.cat([latents_noisy_tgt, latents_noisy_tgt, latents_noisy_src, latents_noisy_src]), torch.cat([t, t, t, t]),
             torch.cat([cond_tgt, uncond, cond_src, uncond_src]))
-    e_tc, e_tu, e_sc, e_su = out.split(B)
-    cls = classifier_delta(e_tc, e_tu) - classifier_delta(e_sc, e_su)
-    x0s, _ = estimate_x0(f, torch.cat([xt_tgt, xt_src]), torch.cat([t, t]), torch.cat([uncond, uncond_src]),
-                         alphas_cumprod, torch.cat([e_tu, e_su]), x0_estimator, ddim_steps)
+    noise_pred_text_tgt, noise_pred_uncond_tgt, noise_pred_text_src, noise_pred_uncond_src = out.split(B)
+    cls = classifier_delta(noise_pred_text_tgt, noise_pred_uncond_tgt) - classifier_delta(noise_pred_text_src, noise_pred_uncond_src)
+    x0s, _ = estimate_x0(f, torch.cat([latents_noisy_tgt, latents_noisy_src]), torch.cat([t, t]), torch.cat([uncond, uncond_src]),
+                         alphas_cumprod, torch.cat([noise_pred_uncond_tgt, noise_pred_uncond_src]), x0_estimator, ddim_steps)
     x0_tgt, x0_src = x0s.split(B)
     recon = x0_tgt - x0_src
     weight = sds_weight(alphas_cumprod, t, weighting_strategy, like=x_tgt)

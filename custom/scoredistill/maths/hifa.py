@@ -3,8 +3,9 @@ Diffusion Guidance", ICLR 2024), as plain functions over tensors.  No threestudi
 
 Contents (paper equation in brackets):
 
-* SDS+ [Eq. 2-4]: :func:`omega_weight`, :func:`tweedie_denoise`, :func:`ddim_denoise`,
-  :func:`sds_plus_loss`.
+* SDS+ [Eq. 2-4]: :func:`omega_weight`, the denoised target ẑ -- one step (Eq. 2, Alg. 1 line 5:
+  :func:`scoredistill.maths.diffusion.tweedie_x0`) or the DDIM chain :func:`ddim_denoise` --,
+  :func:`sds_plus_loss` (Eq. 4) and its latent gradient :func:`sds_plus_grad`.
 * Timestep annealing [Eq. 5 / Alg. 1 line 2]: :func:`annealing_fraction`, :func:`annealed_timestep`.
 * z-variance [Eq. 6-8]: :func:`ray_depth_statistics`, :func:`z_variance_loss`,
   :func:`z_variance_loss_from_maps`.
@@ -14,7 +15,10 @@ Contents (paper equation in brackets):
   :func:`disparity_pearson_loss`, :func:`disparity_lambda`.
 
 Conventions: ``alphas_cumprod`` is the diffusion schedule's cumulative product ᾱ (shape ``(T,)``),
-``α_t = sqrt(ᾱ_t)`` and ``σ_t = sqrt(1 - ᾱ_t)`` as in the paper's ``z_t = α_t z + σ_t ε``.
+``α_t = sqrt(ᾱ_t)`` and ``σ_t = sqrt(1 - ᾱ_t)`` as in the paper's ``z_t = α_t z + σ_t ε``; ᾱ_t, w(t), the forward
+process and the one-step estimate are the shared ones of :mod:`scoredistill.maths.diffusion`.  Code names:
+``latents`` (z), ``latents_noisy`` (z_t), ``latents_target`` / ``latents_denoised`` (ẑ), ``noise_pred`` (the
+guided ε̂).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .sync import host_only, to_device
+from ..sync import host_only, to_device
+from .diffusion import abar_at, sds_weight
 
 # ----------------------------------------------------------------------------------------------
 # SDS+ (Eq. 2-4)
@@ -36,19 +41,14 @@ OMEGA_WEIGHTINGS = ("sds", "uniform", "fantasia3d", "constant")
 DENOISED_TARGETS = ("tweedie", "ddim")
 
 
-def _gather(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t per batch item, broadcastable against ``like`` (B, ...)."""
-    a = alphas_cumprod.to(like.device, torch.float32)[t.long().to(like.device)]
-    return a.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
 def omega_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str = "sds") -> torch.Tensor:
-    """ω(t) of Eq. 3-4, shape ``(B,)``.
+    """ω(t) of Eq. 3-4, shape ``(B,)`` (float32, on ``alphas_cumprod``'s device).
 
     Eq. 2 rewrites the SDS gradient ``w(t)(ε̂ - ε)`` as ``w(t) α_t/σ_t (z - ẑ)``; Eq. 3 folds "the
     coefficients related to t" into ω(t).  Here ``ω(t) = w(t) α_t / (2 σ_t)`` so that
     ``∇_z ω(t)‖z - ẑ‖² = w(t) α_t/σ_t (z - ẑ)``, i.e. the latent term of SDS+ with the one-step
-    (Tweedie) target has exactly DreamFusion's SDS gradient with weighting ``w``:
+    (Tweedie) target has exactly DreamFusion's SDS gradient with weighting ``w``
+    (:func:`scoredistill.maths.diffusion.sds_weight`):
 
     * ``"sds"``: ``w = 1 - ᾱ_t`` (DreamFusion / threestudio default),
     * ``"uniform"``: ``w = 1``,
@@ -57,33 +57,16 @@ def omega_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str =
       constant weight, 0.05 there -- set ``lambda_sds`` to scale).
 
     Raises:
-        ValueError: unknown ``weighting``.
+        ValueError: unknown ``weighting``; a timestep outside ``[0, T)``.
     """
     if weighting not in OMEGA_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {OMEGA_WEIGHTINGS}, got {weighting!r}")
-    a = alphas_cumprod.to(torch.float32)[t.long().to(alphas_cumprod.device)]
+    per_item = torch.empty(0, dtype=torch.float32, device=alphas_cumprod.device)  # ᾱ_t shaped (B,)
+    a = abar_at(alphas_cumprod, t, per_item)
     if weighting == "constant":
         return torch.full_like(a, 0.5)
-    if weighting == "sds":
-        w = 1.0 - a
-    elif weighting == "uniform":
-        w = torch.ones_like(a)
-    else:  # fantasia3d
-        w = a.sqrt() * (1.0 - a)
+    w = sds_weight(alphas_cumprod, t, weighting, like=per_item)
     return w * a.sqrt() / (2.0 * (1.0 - a).sqrt())
-
-
-def tweedie_denoise(
-    z_t: torch.Tensor, eps_hat: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """One-step denoised estimate ``ẑ = (z_t - σ_t ε̂) / α_t`` (Eq. 2, Alg. 1 line 5).
-
-    Args:
-        z_t, eps_hat: ``(B, C, h, w)`` noisy latents and (CFG-combined) noise prediction.
-        t: ``(B,)`` integer timesteps.
-    """
-    a = _gather(alphas_cumprod, t, z_t)
-    return (z_t - (1.0 - a).sqrt() * eps_hat) / a.sqrt()
 
 
 def ddim_stride(ratio: float, num_train_timesteps: int) -> int:
@@ -116,8 +99,8 @@ def ddim_schedule(t: int, stride: int) -> list:
 
 
 def ddim_denoise(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    z_t: torch.Tensor,
+    noise_pred_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    latents_noisy: torch.Tensor,
     t: torch.Tensor,
     scheduler,
     ratio: float = 0.25,
@@ -131,16 +114,16 @@ def ddim_denoise(
     ``scheduler.final_alpha_cumprod``), and returns the final sample.
 
     Args:
-        eps_fn: ``eps_fn(z, t_batch, idx) -> ε̂`` (already classifier-free-guided), one UNet batch call;
-            ``idx`` (long) are the batch items in ``z`` (to select their conditioning).
-        z_t: ``(B, C, h, w)`` noisy latents at ``t``.
+        noise_pred_fn: ``noise_pred_fn(z, t_batch, idx) -> ε̂`` (already classifier-free-guided), one UNet batch
+            call; ``idx`` (long) are the batch items in ``z`` (to select their conditioning).
+        latents_noisy: ``(B, C, h, w)`` z_t, the noisy latents at ``t``.
         t: ``(B,)`` timesteps; items with equal t are denoised together (one call per step).
         scheduler: a ``diffusers.DDIMScheduler`` used only for this (``set_timesteps`` is called on it).
         ratio: DDIM stride as a fraction of T (paper r = 0.25).
         eta: DDIM η (paper η = 1); the η-noise is drawn with ``generator`` as ``variance_noise``.
 
     Returns:
-        ``(ẑ, n_calls)`` with ``n_calls`` the number of ``eps_fn`` calls.
+        ``(ẑ, n_calls)`` with ``n_calls`` the number of ``noise_pred_fn`` calls.
 
     Raises:
         ValueError: bad ``ratio`` (see :func:`ddim_stride`) or ``eta < 0``.
@@ -150,23 +133,23 @@ def ddim_denoise(
     T = int(scheduler.config.num_train_timesteps)
     stride = ddim_stride(ratio, T)
     scheduler.set_timesteps(T // stride)
-    out = torch.empty_like(z_t)
+    out = torch.empty_like(latents_noisy)
     n_calls = 0
     # the number of DDIM steps depends on each t: the grouping runs on a host copy of t (pass t on the CPU, as
     # hifa-guidance does, and nothing here waits for the device; a device t costs one copy to the host)
     t_host = t.long() if t.device.type == "cpu" else t.long().cpu()
     for t0 in _host_values(t_host):
         with host_only():
-            idx = to_device((t_host == t0).nonzero(as_tuple=True)[0], z_t.device)
-        z = z_t[idx]
+            idx = to_device((t_host == t0).nonzero(as_tuple=True)[0], latents_noisy.device)
+        z = latents_noisy[idx]
         for tau in ddim_schedule(t0, stride):
             tb = torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device)
-            eps = eps_fn(z, tb, idx)
+            noise_pred = noise_pred_fn(z, tb, idx)
             n_calls += 1
             noise = None
             if eta > 0:
                 noise = torch.randn(z.shape, generator=generator, device=z.device if generator is None else generator.device, dtype=z.dtype).to(z.device)
-            z = scheduler.step(eps, tau, z, eta=eta, variance_noise=noise).prev_sample
+            z = scheduler.step(noise_pred, tau, z, eta=eta, variance_noise=noise).prev_sample
         out[idx] = z
     return out, n_calls
 
@@ -206,6 +189,24 @@ def sds_plus_loss(
     else:
         img = torch.zeros((), dtype=latents.dtype, device=latents.device)
     return {"loss_latent": lat, "loss_image": img, "loss": lat + lambda_rgb * img}
+
+
+def sds_plus_grad(latents: torch.Tensor, latents_target: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """Per-item gradient of Eq. 4's latent term, ``∇_z ω(t)‖z - ẑ‖² = 2ω(t)(z - ẑ)`` (ẑ stop-gradient).
+
+    With :func:`omega_weight` this is ``w(t) α_t/σ_t (z - ẑ)`` (Eq. 2), DreamFusion's SDS gradient for the
+    one-step target.  ``B`` times the gradient of :func:`sds_plus_loss`'s ``loss_latent`` (a batch mean); what
+    ``hifa-guidance`` hands to the guidance base, whose reparameterisation divides by ``B`` again.
+
+    Args:
+        latents: ``(B, C, h, w)`` z (detached here).  latents_target: ẑ (detached here).
+        omega: ``(B,)`` ω(t).
+
+    Returns:
+        ``(B, C, h, w)`` gradient, in the latents' dtype.
+    """
+    om = omega.to(latents).reshape(-1, *([1] * (latents.dim() - 1)))
+    return 2.0 * om * (latents.detach() - latents_target.detach())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,8 +49,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .finite import finite_ok, make_capturable, step_if_finite
-from ..core.diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
+from ..guidance.finite import finite_ok, make_capturable, step_if_finite
+from .diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
 from ..distributed import all_reduce_grads_
 
 VARIANTS = ("embedding", "lora")
@@ -136,8 +136,8 @@ def validate_lods_options(
 
 # ----------------------------------------------------------------------------- the equations
 def normalized_sds_grad(
-    noise_cond: torch.Tensor,
-    noise_uncond: torch.Tensor,
+    noise_pred_text: torch.Tensor,
+    noise_pred_uncond: torch.Tensor,
     noise: torch.Tensor,
     weight: torch.Tensor,
     guidance_scale: float,
@@ -145,8 +145,8 @@ def normalized_sds_grad(
     """Eq. 7 / Eq. 9: ``w(t)·[ ε(z_t; y) + (1−s)/s · ε_learn(z_t) − ε/s ]``.
 
     Args:
-        noise_cond: ``(B, C, H, W)`` ε_φ(z_t; y, t), frozen conditional branch.
-        noise_uncond: same shape, the learnable unconditional branch ε_φ(z_t; α, t) (Eq. 7) or
+        noise_pred_text: ``(B, C, H, W)`` ε_φ(z_t; y, t), frozen conditional branch.
+        noise_pred_uncond: same shape, the learnable unconditional branch ε_φ(z_t; α, t) (Eq. 7) or
             ε_ψ(z_t; ∅, t) (Eq. 9); detached here.
         noise: the ε used to build ``z_t``.
         weight: w(t), broadcastable (``(B, 1, 1, 1)``).
@@ -159,10 +159,10 @@ def normalized_sds_grad(
     s = float(guidance_scale)
     if math.isnan(s) or s <= 0:
         raise ValueError(f"guidance_scale must be > 0, got {guidance_scale!r}")
-    e_c, e_u, n = noise_cond.detach(), noise_uncond.detach(), noise.detach()
+    noise_pred_text, noise_pred_uncond, n = noise_pred_text.detach(), noise_pred_uncond.detach(), noise.detach()
     if math.isinf(s):
-        return weight * (e_c - e_u)
-    return weight * (e_c + ((1.0 - s) / s) * e_u - n / s)
+        return weight * (noise_pred_text - noise_pred_uncond)
+    return weight * (noise_pred_text + ((1.0 - s) / s) * noise_pred_uncond - n / s)
 
 
 def denoising_loss(noise_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -380,22 +380,22 @@ class LODSLearner:
     def _alpha_batch(self, B: int, like: torch.Tensor) -> torch.Tensor:
         return self.alpha.to(like.device).unsqueeze(0).expand(B, *self.alpha.shape)
 
-    def learnable_branch(self, x_t: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, backward: bool = False):
+    def learnable_branch(self, latents_noisy: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor, backward: bool = False):
         """ε_φ(x_t; α, t) (embedding) or ε_ψ(x_t; ∅, t) (LoRA); differentiable w.r.t. α / ψ."""
         if self.variant == "embedding":
-            return self._call(x_t, t, self._alpha_batch(x_t.shape[0], x_t), backward)
+            return self._call(latents_noisy, t, self._alpha_batch(latents_noisy.shape[0], latents_noisy), backward)
         with lora_branch(self.unet, True, self.lora_params):
-            return self._call(x_t, t, uncond, backward)
+            return self._call(latents_noisy, t, uncond, backward)
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor):
+    def predict(self, latents_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor):
         """``(ε(x_t; y, t), ε_learn(x_t, t))`` without gradients (step (a), separate mode)."""
-        B = x_t.shape[0]
+        B = latents_noisy.shape[0]
         with torch.no_grad():
             if self.variant == "embedding" and self.batch_cond_uncond:
-                return predict_cond_uncond(self._call, x_t, t, cond, self._alpha_batch(B, cond).to(cond.dtype))
-            e_c = self._call(x_t, t, cond)
-            e_u = self.learnable_branch(x_t, t, uncond)
-            return e_c, e_u
+                return predict_cond_uncond(self._call, latents_noisy, t, cond, self._alpha_batch(B, cond).to(cond.dtype))
+            noise_pred_text = self._call(latents_noisy, t, cond)
+            noise_pred_uncond = self.learnable_branch(latents_noisy, t, uncond)
+            return noise_pred_text, noise_pred_uncond
 
     # ------------------------------------------------------------------ step (b)
     def _apply_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -436,9 +436,9 @@ class LODSLearner:
             t = sample_aux_timesteps(B, self.num_train_timesteps, *self.aux_step_percent, device=z.device, generator=generator)
         if noise is None:
             noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
-        x_t = add_noise(z, noise, self.alphas_cumprod, t)
+        latents_noisy = add_noise(z, noise, self.alphas_cumprod, t)
         with torch.enable_grad():
-            return denoising_loss(self.learnable_branch(x_t, t, uncond, backward=True), noise)
+            return denoising_loss(self.learnable_branch(latents_noisy, t, uncond, backward=True), noise)
 
     def update(self, latents, uncond, t=None, noise=None, generator=None) -> torch.Tensor:
         """One step (b): Eq. 8/10 at detached latents, optimizer step on α / ψ.  Returns the loss value (a detached
@@ -467,7 +467,7 @@ class LODSLearner:
             cond, uncond: ``(B, L, E)`` conditional and unconditional (null / negative) embeddings.
             noise: ε of (a) (default fresh).  aux_t, aux_noise: t', ε' of (b) (defaults: sampled).
         Returns:
-            dict: ``grad`` ``(B, C, H, W)`` (no graph), ``noise_cond``, ``noise_uncond``, ``latents_noisy``,
+            dict: ``grad`` ``(B, C, H, W)`` (no graph), ``noise_pred_text``, ``noise_pred_uncond``, ``latents_noisy``,
             ``aux_loss`` (detached 0-dim tensor or None), and this step's ``unet_calls`` / ``unet_samples`` /
             ``unet_backward_samples``.
         """
@@ -481,19 +481,19 @@ class LODSLearner:
         t = torch.as_tensor(t, device=z.device).long().reshape(-1)
         if t.numel() == 1 and z.shape[0] > 1:
             t = t.expand(z.shape[0])
-        x_t = add_noise(z, noise, self.alphas_cumprod, t)
+        latents_noisy = add_noise(z, noise, self.alphas_cumprod, t)
         aux_loss = None
         if self.aux_update and self.merged_forward:
             with torch.no_grad():
-                e_c = self._call(x_t, t, cond)
+                noise_pred_text = self._call(latents_noisy, t, cond)
             with torch.enable_grad():
-                e_u_graph = self.learnable_branch(x_t, t, uncond, backward=True)
-                loss = denoising_loss(e_u_graph, noise)
-            e_u = e_u_graph.detach()
+                noise_pred_uncond_graph = self.learnable_branch(latents_noisy, t, uncond, backward=True)
+                loss = denoising_loss(noise_pred_uncond_graph, noise)
+            noise_pred_uncond = noise_pred_uncond_graph.detach()
         else:
-            e_c, e_u = self.predict(x_t, t, cond, uncond)
+            noise_pred_text, noise_pred_uncond = self.predict(latents_noisy, t, cond, uncond)
         w = sds_weight(self.alphas_cumprod, t, self.weighting_strategy, like=z)
-        grad = normalized_sds_grad(e_c, e_u, noise, w, self.guidance_scale)
+        grad = normalized_sds_grad(noise_pred_text, noise_pred_uncond, noise, w, self.guidance_scale)
         if self.aux_update:
             if self.merged_forward:
                 self._apply_aux_loss(loss)
@@ -502,9 +502,9 @@ class LODSLearner:
                 aux_loss = self.update(z, uncond, aux_t, aux_noise, generator)
         return {
             "grad": grad,
-            "noise_cond": e_c.detach(),
-            "noise_uncond": e_u.detach(),
-            "latents_noisy": x_t.detach(),
+            "noise_pred_text": noise_pred_text.detach(),
+            "noise_pred_uncond": noise_pred_uncond.detach(),
+            "latents_noisy": latents_noisy.detach(),
             "aux_loss": aux_loss,
             "unet_calls": self.unet_calls - c0,
             "unet_samples": self.unet_samples - s0,
