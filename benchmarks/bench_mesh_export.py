@@ -21,7 +21,7 @@ import time
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 
 
 def main() -> int:

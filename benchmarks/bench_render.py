@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 from scoredistill.renderer.gsplat_cameras import threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 from scoredistill.renderer.gsplat_cameras import project_points, threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize_cpu
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 
 from harness import one_thread_fixture
 

@@ -21,7 +21,7 @@ def test_launch_export_writes_textured_mesh(tmp_path):
     from scipy.spatial import cKDTree
 
     from scoredistill.exporter.gaussian_mesh import mesh_chamfer_distance
-    from scoredistill.geometry import gaussians as G
+    from scoredistill.geometry import gaussian_init as G
 
     exp_root = str(tmp_path / "out")
     overrides = [

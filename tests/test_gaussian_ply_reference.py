@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 from scoredistill.renderer.gsplat_cameras import threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize_cpu
 

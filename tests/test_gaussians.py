@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 
 
 def _random_params(n=37, degree=2, seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 from scoredistill.geometry.densify import GaussianDensifier, GroupView, group_views, scheduled_lr
 from scoredistill.renderer.gsplat_cameras import camera_ray_directions, project_points, threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize, rasterize_cpu

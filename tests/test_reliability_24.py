@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from scoredistill import cli
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 from scoredistill.suite import report, runner, spec, state
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 from scoredistill.geometry.densify import GaussianDensifier, group_views
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -26,7 +26,7 @@ from harness import import_threestudio  # noqa: E402
 threestudio = import_threestudio()
 import torch  # noqa: E402
 
-from scoredistill.geometry import gaussians as G  # noqa: E402
+from scoredistill.geometry import gaussian_init as G  # noqa: E402
 from threestudio.utils.config import load_config  # noqa: E402
 
 

@@ -112,7 +112,7 @@ def build_sd21_arch_pipeline(folder: str, device: str = "cpu", seed: int = 0) ->
 
 
 def _scene(n: int, seed: int = 0):
-    from ..geometry import gaussians as G
+    from ..geometry import gaussian_init as G
 
     import math
 
@@ -133,7 +133,7 @@ def _camera(res: int, device):
 
 
 def _render(params, res, device, backend, dtype=torch.float32):
-    from ..geometry import gaussians as G
+    from ..geometry import gaussian_init as G
     from ..renderer.gsplat_render import rasterize
 
     leaves = {k: v.detach().to(device, dtype).requires_grad_(True) for k, v in params.items()}

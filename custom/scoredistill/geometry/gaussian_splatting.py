@@ -1,7 +1,7 @@
-"""threestudio geometry ``gsplat-gaussian-splatting``: a set of 3D Gaussians (adapter over ``gaussians.py``).
+"""threestudio geometry ``gsplat-gaussian-splatting``: a set of 3D Gaussians (adapter over ``gaussian_init.py``).
 
 The parameters live in ``self.params`` (an ``nn.ParameterDict`` with gsplat's keys ``means, scales, quats,
-opacities, sh0, shN``; see :mod:`scoredistill.geometry.gaussians`) and are also reachable as attributes
+opacities, sh0, shN``; see :mod:`scoredistill.geometry.gaussian_init`) and are also reachable as attributes
 ``geometry.means`` etc., so threestudio's optimizer config can name them (``geometry.means``).
 The number of Gaussians changes during densification; loading a state dict resizes the parameters to the
 stored shapes (checkpoints of densified models load into a freshly initialised geometry).
@@ -20,7 +20,7 @@ import threestudio
 from threestudio.models.geometry.base import BaseGeometry
 
 from scoredistill._registry import register
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init as G
 
 INIT_METHODS = ("sphere", "box", "point_cloud", "mesh", "shap_e", "ply", "empty")
 
@@ -163,7 +163,7 @@ class GsplatGaussianSplatting(BaseGeometry):
         return int(self.params["means"].shape[0])
 
     def activated(self) -> Dict[str, torch.Tensor]:
-        """``means, scales (>0), quats (unit), opacities (0..1), colors [N, K, 3]`` (see gaussians.activated)."""
+        """``means, scales (>0), quats (unit), opacities (0..1), colors [N, K, 3]`` (see gaussian_init.activated)."""
         return G.activated(dict(self.params.items()))
 
     def export_params(self) -> Dict[str, torch.Tensor]:
