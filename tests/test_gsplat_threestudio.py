@@ -54,7 +54,7 @@ def _ckpt_params(ckpt_path):
 
 
 def test_gs_sds_trains_densifies_validates_and_exports(trained):
-    from scoredistill.geometry.gaussian_init import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     trial, output, _, _ = trained
     save = os.path.join(trial, "save")
@@ -78,7 +78,7 @@ def test_gs_sds_trains_densifies_validates_and_exports(trained):
 
 
 def test_gs_sds_test_and_export_resume_with_same_count(trained):
-    from scoredistill.geometry.gaussian_init import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     trial, _, sd, exp_root = trained
     ckpt = os.path.join(trial, "ckpts", "last.ckpt")
@@ -196,7 +196,7 @@ def test_gaussians_train_under_threestudio_dreamfusion_system(tmp_path):
     _, params = _ckpt_params(ckpt)
     assert params["means"].shape == (200, 3)  # no densification without gsplat-system
     run_launch(os.path.join(trial, "configs", "parsed.yaml"), [f"resume={ckpt}", f"exp_root_dir={exp_root}"], mode="--export", exp_root=exp_root)
-    from scoredistill.geometry.gaussian_init import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     back = load_gaussians_ply(glob.glob(os.path.join(trial, "save", "it*-export", "gaussians.ply"))[0])
     assert torch.equal(back["means"], params["means"])

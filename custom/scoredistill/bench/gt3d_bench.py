@@ -431,7 +431,7 @@ def _final_gaussians(trial: str):
     ``None`` if neither is there."""
     plys = glob.glob(os.path.join(trial, "save", "it*-export", "*.ply"))
     if plys:
-        from scoredistill.geometry.gaussian_init import load_gaussians_ply
+        from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
         ply = max(plys, key=lambda p: int(os.path.basename(os.path.dirname(p)).split("-")[0][2:]))
         g = load_gaussians_ply(ply)

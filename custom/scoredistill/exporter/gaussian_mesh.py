@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scoredistill.atomic_io import atomic_write_bytes as _atomic_write_bytes
-from scoredistill.geometry.gaussian_init import SH_C0, sh_degree_from_bases
+from scoredistill.geometry.spherical_harmonics import SH_C0, sh_degree_from_bases
 
 COLOR_MODES = ("dc", "normal_sh")
 FORMATS = ("obj", "glb", "ply")
@@ -1143,7 +1143,7 @@ def export_ply_to_mesh(ply_path: str, out_dir: str, name: str = "model", device:
     ``settings``: :class:`MeshSettings` fields (``resolution``, ``isosurface_threshold``, ``formats``, ...).
     Errors about the Gaussians name ``ply_path``.
     """
-    from scoredistill.geometry.gaussian_init import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     s = MeshSettings.from_dict(settings)
     if not name or "/" in name or os.sep in name or name.startswith("."):
