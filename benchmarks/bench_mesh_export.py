@@ -21,7 +21,7 @@ import time
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_ply
 
 
 def main() -> int:
@@ -41,10 +41,10 @@ def main() -> int:
     for n in [int(x) for x in args.gaussians.split(",") if x]:
         pts, rgb = gt_scenes.surface_points("cube", n)
         std = None if args.std == "nn" else float(args.std)
-        jobs.append((f"cube-{n}-std{args.std}", G.params_from_points(pts, rgb, init_opacity=0.95, init_scale=std)))
+        jobs.append((f"cube-{n}-std{args.std}", gaussian_init.params_from_points(pts, rgb, init_opacity=0.95, init_scale=std)))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for s in [x for x in args.scenes.split(",") if x]:
-        jobs.append((s, G.load_gaussians_ply(os.path.join(repo, "load", "gt_scenes", f"{s}.ply"))))
+        jobs.append((s, gaussian_ply.load_gaussians_ply(os.path.join(repo, "load", "gt_scenes", f"{s}.ply"))))
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load average "
           f"{os.getloadavg()[0]:.1f}")
     for name, params in jobs:

@@ -15,15 +15,15 @@ import time
 
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params
 from scoredistill.renderer.gsplat_cameras import threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize
 
 
 def bench(n, res, device, repeats, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    pts = G.sample_sphere(n, 0.5, generator=gen)
-    p = G.params_from_points(pts, torch.rand(n, 3, generator=gen), sh_degree=0, init_opacity=0.5)
+    pts = gaussian_init.sample_sphere(n, 0.5, generator=gen)
+    p = gaussian_init.params_from_points(pts, torch.rand(n, 3, generator=gen), sh_degree=0, init_opacity=0.5)
     params = {k: v.to(device).requires_grad_(True) for k, v in p.items()}
     c2w = torch.eye(4)
     c2w[:3, :3] = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # camera on +x looking at origin, z up
@@ -34,7 +34,7 @@ def bench(n, res, device, repeats, seed=0):
         if device == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        a = G.activated(params)
+        a = gaussian_params.activated(params)
         rgb, alpha, _ = rasterize(a["means"], a["quats"], a["scales"], a["opacities"], a["colors"], viewmats, Ks, res, res,
                                   sh_degree=0, render_mode="RGB+ED")
         (rgb.sum() + alpha.sum()).backward()

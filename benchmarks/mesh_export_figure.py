@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params, gaussian_ply
 from scoredistill.renderer.gsplat_cameras import project_points, threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize_cpu
 
@@ -95,11 +95,11 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)
-    verts, faces, vcol = G.load_mesh(os.path.join(REPO, "load", "shapes", "octahedron.obj"))
-    pts, cols = G.sample_mesh_surface(verts, faces, 20000, vcol, generator=torch.Generator().manual_seed(0))
-    params = G.params_from_points(pts, cols, init_opacity=0.8, init_scale=0.01)
+    verts, faces, vcol = gaussian_init.load_mesh(os.path.join(REPO, "load", "shapes", "octahedron.obj"))
+    pts, cols = gaussian_init.sample_mesh_surface(verts, faces, 20000, vcol, generator=torch.Generator().manual_seed(0))
+    params = gaussian_init.params_from_points(pts, cols, init_opacity=0.8, init_scale=0.01)
     folder = args.keep or tempfile.mkdtemp(prefix="mesh-figure-")
-    ply = G.save_gaussians_ply(os.path.join(folder, "gaussians.ply"), params)
+    ply = gaussian_ply.save_gaussians_ply(os.path.join(folder, "gaussians.ply"), params)
     # the CLI's call: scoredistill mesh gaussians.ply <folder> --resolution 192 --texture-size 512 --decimate-target 20000
     # up_axis="z": the mesh is drawn from the cameras of the Gaussians, in their (threestudio) frame
     paths, result = M.export_ply_to_mesh(ply, folder, "model", resolution=192, texture_size=512, decimate_target=20000, up_axis="z")
@@ -113,7 +113,7 @@ def main() -> int:
     cd = M.mesh_chamfer_distance(mesh, trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False), n_samples=100000)
     print("chamfer vs octahedron (diameter 1.0):", {k: round(v, 5) for k, v in cd.items()})
     uvc = trimesh.visual.color.uv_to_color(mesh.visual.uv, mesh.visual.material.image)[:, :3] / 255.0
-    tp, tc = G.sample_mesh_surface(verts, faces, 400000, vcol, generator=torch.Generator().manual_seed(1))
+    tp, tc = gaussian_init.sample_mesh_surface(verts, faces, 400000, vcol, generator=torch.Generator().manual_seed(1))
     _, nn = cKDTree(tp.numpy()).query(np.asarray(mesh.vertices))
     print("mean abs texture colour error at the vertices:", round(float(np.abs(uvc - tc.numpy()[nn]).mean()), 4))
     size = args.size
@@ -121,7 +121,7 @@ def main() -> int:
     for az, el in ((30.0, 25.0), (210.0, -20.0)):
         c2w = look_at_c2w(az, el, 2.2)
         viewmats, Ks = threestudio_to_gsplat_cameras(c2w[None], math.radians(40.0), size, size)
-        a = G.activated(params)
+        a = gaussian_params.activated(params)
         rgb, alpha, _ = rasterize_cpu(a["means"], a["quats"], a["scales"], a["opacities"], a["colors"], viewmats, Ks, size, size, sh_degree=0)
         gs = (rgb[0] + (1 - alpha[0]) * 1.0).clamp(0, 1).numpy()
         panels.append((gs, render_textured_mesh(mesh, viewmats[0], Ks[0], size)))

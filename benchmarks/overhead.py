@@ -3,7 +3,7 @@
     cd <repo> && PYTHONPATH=$PWD/custom THREESTUDIO_ROOT=$PWD/.threestudio python benchmarks/overhead.py
 
 Uses the test harness (threestudio imported in-process on the CPU, tiny SD, threestudio's prompt processor);
-:func:`scoredistill.bench.overhead.measure_overhead` does the measurement.  One intra-op thread.
+:func:`scoredistill.bench.guidance_overhead.measure_overhead` does the measurement.  One intra-op thread.
 """
 import argparse
 import os
@@ -33,7 +33,7 @@ def main():
     torch.set_num_threads(1)
     from harness import import_threestudio, make_prompt_utils, tiny_guidance_config, tiny_sd_path
 
-    from scoredistill.bench.overhead import measure_overhead
+    from scoredistill.bench.guidance_overhead import measure_overhead
 
     ts = import_threestudio()
     sd = tiny_sd_path()

@@ -62,7 +62,7 @@ def test_demo_distils_the_cube_through_launch_py_and_writes_video_ply_glb_page(t
     import trimesh
 
     from harness import threestudio_root
-    from scoredistill.geometry.gaussians import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_ply
 
 from harness import one_thread_fixture
 
@@ -24,10 +24,10 @@ FAST = dict(resolution=64, texture_size=256, decimate_target=4000, color_knn=8)
 
 def sphere_gaussians(n=8000, radius=0.5, scale=0.02, opacity=0.5, center=(0.0, 0.0, 0.0), sh_degree=0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    d = G.sample_sphere(n, 1.0, surface=True, generator=g)
+    d = gaussian_init.sample_sphere(n, 1.0, surface=True, generator=g)
     colors = (d + 1) / 2  # colour = f(direction), known on the true surface
     pts = d * radius + torch.tensor(center)
-    return G.params_from_points(pts, colors, sh_degree=sh_degree, init_opacity=opacity, init_scale=scale)
+    return gaussian_init.params_from_points(pts, colors, sh_degree=sh_degree, init_opacity=opacity, init_scale=scale)
 
 
 def sample_textured_surface(mesh, n, seed=0):
@@ -39,7 +39,7 @@ def sample_textured_surface(mesh, n, seed=0):
     faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long)
     uv = torch.as_tensor(np.asarray(mesh.visual.uv), dtype=torch.float32)
     # sample_mesh_surface interpolates per-vertex attributes barycentrically: pass the uvs (+ pad) as "colours"
-    pts, uvs = G.sample_mesh_surface(verts, faces, n, torch.cat([uv, torch.zeros(len(uv), 1)], 1), generator=g)
+    pts, uvs = gaussian_init.sample_mesh_surface(verts, faces, n, torch.cat([uv, torch.zeros(len(uv), 1)], 1), generator=g)
     image = mesh.visual.material.image if hasattr(mesh.visual.material, "image") else mesh.visual.material.baseColorTexture
     cols = trimesh.visual.color.uv_to_color(uvs[:, :2].numpy(), image)[:, :3] / 255.0
     return pts.numpy(), cols
@@ -119,7 +119,7 @@ def test_sphere_mesh_is_on_the_exact_isosurface_and_close_to_the_sphere(sphere_e
     r_pred = 0.5 + 0.02 * math.sqrt(2 * math.log(d0 / 0.5))
     assert abs(r.mean() - r_pred) < 0.25 * result.grid.voxel, (r.mean(), r_pred)  # measured 0.5384 vs 0.5385
     # symmetric Chamfer distance to the true sphere (radius 0.5, diameter 1): below 5% of the diameter
-    true_pts = G.sample_sphere(50000, 0.5, surface=True, generator=torch.Generator().manual_seed(3)).numpy()
+    true_pts = gaussian_init.sample_sphere(50000, 0.5, surface=True, generator=torch.Generator().manual_seed(3)).numpy()
     cd = M.mesh_chamfer_distance(mesh, true_pts, n_samples=50000)
     assert cd["chamfer"] < 0.05 * 1.0, cd  # measured 0.0375: the level set's offset, ~1.9 sigma
     # the mesh is outward oriented (positive volume) and has the sphere's volume at its radius
@@ -185,11 +185,11 @@ def test_octahedron_from_load_mesh_geometry_and_colours(tmp_path):
     import trimesh
     from scipy.spatial import cKDTree
 
-    verts, faces, vcol = G.load_mesh(OCTAHEDRON)
+    verts, faces, vcol = gaussian_init.load_mesh(OCTAHEDRON)
     g = torch.Generator().manual_seed(0)
-    pts, cols = G.sample_mesh_surface(verts, faces, 12000, vcol, generator=g)
-    params = G.params_from_points(pts, cols, init_opacity=0.5, init_scale=0.012)
-    files, res = M.export_ply_to_mesh(G.save_gaussians_ply(str(tmp_path / "g.ply"), params), str(tmp_path), "octa", up_axis="z", **FAST)
+    pts, cols = gaussian_init.sample_mesh_surface(verts, faces, 12000, vcol, generator=g)
+    params = gaussian_init.params_from_points(pts, cols, init_opacity=0.5, init_scale=0.012)
+    files, res = M.export_ply_to_mesh(gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), params), str(tmp_path), "octa", up_axis="z", **FAST)
     mesh = trimesh.load(str(tmp_path / "octa.obj"), force="mesh")
     ref_mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
     cd = M.mesh_chamfer_distance(mesh, ref_mesh, n_samples=50000)
@@ -197,7 +197,7 @@ def test_octahedron_from_load_mesh_geometry_and_colours(tmp_path):
     assert cd["chamfer"] < 0.03, cd
     # colours at surface points vs the true (barycentric vertex-colour) colour of the nearest true surface point
     sp, sc = sample_textured_surface(mesh, 20000)
-    true_pts, true_cols = G.sample_mesh_surface(verts, faces, 200000, vcol, generator=torch.Generator().manual_seed(5))
+    true_pts, true_cols = gaussian_init.sample_mesh_surface(verts, faces, 200000, vcol, generator=torch.Generator().manual_seed(5))
     _, nn = cKDTree(true_pts.numpy()).query(sp)
     err = np.abs(sc - true_cols.numpy()[nn]).mean()
     assert err < 0.02, err  # measured 0.0046
@@ -298,7 +298,7 @@ def test_cli_mesh_subcommand(tmp_path, capsys):
 
     from scoredistill.cli import main
 
-    ply = G.save_gaussians_ply(str(tmp_path / "g.ply"), sphere_gaussians(n=3000, radius=0.4, scale=0.03))
+    ply = gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), sphere_gaussians(n=3000, radius=0.4, scale=0.03))
     out = tmp_path / "mesh"
     assert main(["mesh", ply, str(out), "--resolution", "40", "--texture-size", "64", "--decimate-target", "1000", "--formats", "obj,ply", "--quiet"]) == 0
     printed = capsys.readouterr().out

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from scoredistill.exporter import gaussian_mesh as M
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_ply
 
 from harness import one_thread_fixture
 
@@ -30,8 +30,8 @@ CENTER = (0.2, -0.3, 0.7)  # threestudio frame (z up)
 
 def sphere_gaussians(n=4000, radius=0.3, scale=0.02, center=CENTER, seed=0):
     g = torch.Generator().manual_seed(seed)
-    d = G.sample_sphere(n, 1.0, surface=True, generator=g)
-    return G.params_from_points(d * radius + torch.tensor(center), (d + 1) / 2, init_opacity=0.5, init_scale=scale)
+    d = gaussian_init.sample_sphere(n, 1.0, surface=True, generator=g)
+    return gaussian_init.params_from_points(d * radius + torch.tensor(center), (d + 1) / 2, init_opacity=0.5, init_scale=scale)
 
 
 def read_glb(path):
@@ -131,7 +131,7 @@ def test_benchmark_scene_mesh_is_one_closed_component_without_degenerate_faces(s
     """At the default grid (256^3) main kept a hidden inner shell on the two-faced ball (the shell's density dips
     under the level, so the cavity looked open: not watertight, also with 20k faces) and, at 100k faces, a
     zero-area face on the cube.  20k faces and a small texture keep the test short."""
-    params = G.load_gaussians_ply(os.path.join(SCENES, f"{scene}.ply"))
+    params = gaussian_ply.load_gaussians_ply(os.path.join(SCENES, f"{scene}.ply"))
     res = M.gaussians_to_mesh(params, decimate_target=20000, texture_size=64, color_knn=4, progress=False)
     w = res.welded
     assert w.is_watertight and w.body_count == 1, (scene, res.stats)
@@ -163,7 +163,7 @@ def cube_gaussians(n, std):
     from scoredistill.bench import gt_scenes
 
     pts, rgb = gt_scenes.surface_points("cube", n)
-    return G.params_from_points(pts, rgb, init_opacity=0.95, init_scale=std)
+    return gaussian_init.params_from_points(pts, rgb, init_opacity=0.95, init_scale=std)
 
 
 def test_surface_offset_is_bounded_for_sparse_and_dense_scenes():
@@ -250,7 +250,7 @@ def test_extreme_finite_values_are_refused_in_one_line(tmp_path, capsys, field, 
 
     params = sphere_gaussians(n=500)
     params[field][7, 0] = value
-    ply = G.save_gaussians_ply(str(tmp_path / "g.ply"), params)
+    ply = gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), params)
     assert main(["mesh", ply, str(tmp_path / "out"), "--resolution", "32", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("scoredistill mesh: ") and ply in err and "\n" not in err, err

@@ -21,7 +21,7 @@ def test_launch_export_writes_textured_mesh(tmp_path):
     from scipy.spatial import cKDTree
 
     from scoredistill.exporter.gaussian_mesh import mesh_chamfer_distance
-    from scoredistill.geometry import gaussians as G
+    from scoredistill.geometry import gaussian_init
 
     exp_root = str(tmp_path / "out")
     overrides = [
@@ -42,12 +42,12 @@ def test_launch_export_writes_textured_mesh(tmp_path):
     assert isinstance(mesh.visual, trimesh.visual.TextureVisuals)
     glb = trimesh.load(os.path.join(folder, "model.glb"), force="mesh")
     assert len(glb.faces) == len(mesh.faces) <= 2000
-    verts, faces, vcol = G.load_mesh(OCTAHEDRON)
+    verts, faces, vcol = gaussian_init.load_mesh(OCTAHEDRON)
     cd = mesh_chamfer_distance(mesh, trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False), n_samples=20000)
     assert cd["chamfer"] < 0.04, cd  # octahedron diameter 1.0 (48^3 grid); measured 0.027 in-process
     # texture colour at the mesh's vertices vs the octahedron's colour at the nearest true surface point
     uv_col = trimesh.visual.color.uv_to_color(mesh.visual.uv, mesh.visual.material.image)[:, :3] / 255.0
-    true_pts, true_cols = G.sample_mesh_surface(verts, faces, 100000, vcol, generator=torch.Generator().manual_seed(0))
+    true_pts, true_cols = gaussian_init.sample_mesh_surface(verts, faces, 100000, vcol, generator=torch.Generator().manual_seed(0))
     _, nn = cKDTree(true_pts.numpy()).query(np.asarray(mesh.vertices))
     assert np.abs(uv_col - true_cols.numpy()[nn]).mean() < 0.04  # measured 0.020 in-process, same Gaussians
 

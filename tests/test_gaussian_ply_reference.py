@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params, gaussian_ply, spherical_harmonics
 from scoredistill.renderer.gsplat_cameras import threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize_cpu
 
@@ -61,7 +61,7 @@ def test_import_of_a_reference_layout_ply(tmp_path, degree):
     xyz, sh, opac, scale, quat = _distinct_scene(degree=degree)
     path = tmp_path / "ref.ply"
     path.write_bytes(_reference_ply_bytes(xyz, sh, opac, scale, quat))
-    p = G.load_gaussians_ply(str(path))
+    p = gaussian_ply.load_gaussians_ply(str(path))
     k = (degree + 1) ** 2
     assert p["shN"].shape == (3, k - 1, 3)
     for i in range(3):
@@ -73,8 +73,8 @@ def test_import_of_a_reference_layout_ply(tmp_path, degree):
         for j in range(k - 1):
             assert p["shN"][i, j].tolist() == sh[i][j + 1], (i, j)
     # the point-cloud reader takes the colours of the DC terms: SH_C0 * f_dc + 0.5
-    _, cols = G.load_point_cloud(str(path))
-    assert torch.allclose(cols, (torch.tensor([s[0] for s in sh]) * G.SH_C0 + 0.5).clamp(0, 1))
+    _, cols = gaussian_init.load_point_cloud(str(path))
+    assert torch.allclose(cols, (torch.tensor([s[0] for s in sh]) * spherical_harmonics.SH_C0 + 0.5).clamp(0, 1))
 
 
 @pytest.mark.parametrize("degree", [0, 3])
@@ -85,7 +85,7 @@ def test_export_is_byte_identical_to_the_reference_layout(tmp_path, degree):
         "means": t(xyz), "opacities": t(opac), "scales": t(scale), "quats": t(quat),
         "sh0": t([s[:1] for s in sh]), "shN": t([s[1:] for s in sh]).reshape(3, -1, 3),
     }
-    out = G.save_gaussians_ply(str(tmp_path / "ours.ply"), params)
+    out = gaussian_ply.save_gaussians_ply(str(tmp_path / "ours.ply"), params)
     assert open(out, "rb").read() == _reference_ply_bytes(xyz, sh, opac, scale, quat)
 
 
@@ -95,7 +95,7 @@ def test_imported_rotation_and_scale_follow_3dgs():
 
     h = math.sqrt(0.5)
     raw = {"quats": torch.tensor([[2 * h, 0.0, 0.0, 2 * h]]), "scales": torch.log(torch.tensor([[0.3, 0.01, 0.02]]))}
-    a = G.activated({**raw, "means": torch.zeros(1, 3), "opacities": torch.zeros(1),
+    a = gaussian_params.activated({**raw, "means": torch.zeros(1, 3), "opacities": torch.zeros(1),
                      "sh0": torch.zeros(1, 1, 3), "shN": torch.zeros(1, 0, 3)})
     cov, _ = _quat_scale_to_covar_preci(a["quats"], a["scales"], compute_covar=True, compute_preci=False)
     assert torch.allclose(cov[0], torch.diag(torch.tensor([0.01**2, 0.3**2, 0.02**2])), atol=1e-7)
@@ -127,8 +127,8 @@ def test_rendered_colour_of_an_imported_gaussian_is_the_3dgs_sh_colour(tmp_path,
     path = tmp_path / "one.ply"
     k = (degree + 1) ** 2
     path.write_bytes(_reference_ply_bytes([[0.0, 0.0, 0.0]], [sh[:k].tolist()], [8.0], [[-1.0, -1.0, -1.0]], [[1.0, 0, 0, 0]]))
-    p = G.load_gaussians_ply(str(path))
-    a = G.activated(p)
+    p = gaussian_ply.load_gaussians_ply(str(path))
+    a = gaussian_params.activated(p)
     elev, azim, dist = math.radians(30.0), math.radians(40.0), 2.0
     pos = torch.tensor([dist * math.cos(elev) * math.cos(azim), dist * math.cos(elev) * math.sin(azim), dist * math.sin(elev)])
     look = -pos / pos.norm()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params, gaussian_ply, spherical_harmonics
 
 
 def _random_params(n=37, degree=2, seed=0):
@@ -25,9 +25,9 @@ def _random_params(n=37, degree=2, seed=0):
 @pytest.mark.parametrize("degree", [0, 1, 3])
 def test_ply_round_trip_is_bit_exact(tmp_path, degree):
     params = _random_params(degree=degree)
-    path = G.save_gaussians_ply(str(tmp_path / "g.ply"), params)
-    back = G.load_gaussians_ply(path)
-    for k in G.PARAM_KEYS:
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), params)
+    back = gaussian_ply.load_gaussians_ply(path)
+    for k in gaussian_params.PARAM_KEYS:
         assert back[k].dtype == torch.float32
         assert back[k].shape == params[k].shape, k
         assert torch.equal(back[k], params[k]), k
@@ -39,7 +39,7 @@ def test_ply_layout_is_the_standard_3dgs_one(tmp_path):
     from plyfile import PlyData
 
     params = _random_params(n=5, degree=1)
-    path = G.save_gaussians_ply(str(tmp_path / "g.ply"), params)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), params)
     v = PlyData.read(path)["vertex"]
     names = list(v.data.dtype.names)
     assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
@@ -53,18 +53,18 @@ def test_ply_layout_is_the_standard_3dgs_one(tmp_path):
 
 def test_ply_load_changes_sh_degree_and_rejects_other_plys(tmp_path):
     params = _random_params(n=4, degree=1)
-    path = G.save_gaussians_ply(str(tmp_path / "g.ply"), params)
-    up = G.load_gaussians_ply(path, sh_degree=2)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), params)
+    up = gaussian_ply.load_gaussians_ply(path, sh_degree=2)
     assert up["shN"].shape == (4, 8, 3)
     assert torch.equal(up["shN"][:, :3], params["shN"]) and not up["shN"][:, 3:].any()
     with pytest.raises(ValueError, match="SH degree 1 .* sh_degree is 0"):
-        G.load_gaussians_ply(path, sh_degree=0)  # bands are never dropped silently (3DGS's loader asserts)
-    down = G.load_gaussians_ply(path, sh_degree=0, drop_sh_bands=True)
+        gaussian_ply.load_gaussians_ply(path, sh_degree=0)  # bands are never dropped silently (3DGS's loader asserts)
+    down = gaussian_ply.load_gaussians_ply(path, sh_degree=0, drop_sh_bands=True)
     assert down["shN"].shape == (4, 0, 3)
     pc = tmp_path / "pc.ply"
     _write_point_cloud(pc, np.zeros((3, 3), np.float32), None)
     with pytest.raises(ValueError, match="not a 3D Gaussian PLY"):
-        G.load_gaussians_ply(str(pc))
+        gaussian_ply.load_gaussians_ply(str(pc))
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -77,43 +77,43 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        G.write_ply_atomic(str(path), boom)
+        gaussian_ply.write_ply_atomic(str(path), boom)
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["g.ply"]
 
 
 def test_activations_and_sh_dc_colour():
     p = _random_params(n=6, degree=1)
-    a = G.activated(p)
+    a = gaussian_params.activated(p)
     assert torch.allclose(a["scales"], p["scales"].exp())
     assert torch.allclose(a["quats"].norm(dim=-1), torch.ones(6))
     assert torch.allclose(a["opacities"], torch.sigmoid(p["opacities"]))
     assert a["colors"].shape == (6, 4, 3)
     rgb = torch.tensor([[0.0, 0.25, 1.0]])
-    assert torch.allclose(G.sh0_to_rgb(G.rgb_to_sh0(rgb)), rgb, atol=1e-7)
-    assert G.rgb_to_sh0(torch.tensor(0.5)).item() == 0.0
-    assert [G.active_sh_degree_at(s, 3, 1000) for s in (0, 999, 1000, 2500, 10**6)] == [0, 0, 1, 2, 3]
-    assert G.active_sh_degree_at(0, 2, 0) == 2
+    assert torch.allclose(spherical_harmonics.sh0_to_rgb(spherical_harmonics.rgb_to_sh0(rgb)), rgb, atol=1e-7)
+    assert spherical_harmonics.rgb_to_sh0(torch.tensor(0.5)).item() == 0.0
+    assert [spherical_harmonics.active_sh_degree_at(s, 3, 1000) for s in (0, 999, 1000, 2500, 10**6)] == [0, 0, 1, 2, 3]
+    assert spherical_harmonics.active_sh_degree_at(0, 2, 0) == 2
     with pytest.raises(ValueError, match="sh_degree must be in 0..3"):
-        G.num_sh_bases(4)
+        spherical_harmonics.num_sh_bases(4)
 
 
 def test_params_from_points_follows_3dgs_init():
     pts = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0]])
     cols = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]])
-    p = G.params_from_points(pts, cols, sh_degree=1, init_opacity=0.1)
+    p = gaussian_init.params_from_points(pts, cols, sh_degree=1, init_opacity=0.1)
     # scale = sqrt(mean of the 3 smallest squared distances to other points)
     d2 = torch.cdist(pts, pts).pow(2) + torch.eye(4) * 1e9
     expect = d2.sort(dim=1).values[:, :3].mean(1).sqrt().log()
     assert torch.allclose(p["scales"], expect[:, None].expand(4, 3))
     assert torch.allclose(torch.sigmoid(p["opacities"]), torch.full((4,), 0.1))
     assert torch.equal(p["quats"], torch.tensor([[1.0, 0, 0, 0]]).expand(4, 4))
-    assert torch.allclose(G.sh0_to_rgb(p["sh0"][:, 0]), cols, atol=1e-6)
+    assert torch.allclose(spherical_harmonics.sh0_to_rgb(p["sh0"][:, 0]), cols, atol=1e-6)
     assert p["shN"].shape == (4, 3, 3) and not p["shN"].any()
     with pytest.raises(ValueError, match="init_opacity must be in"):
-        G.params_from_points(pts, init_opacity=1.0)
+        gaussian_init.params_from_points(pts, init_opacity=1.0)
     with pytest.raises(ValueError, match="points must have shape"):
-        G.params_from_points(torch.zeros(3, 2))
+        gaussian_init.params_from_points(torch.zeros(3, 2))
 
 
 def _write_point_cloud(path, pts, colors_u8):
@@ -133,11 +133,11 @@ def test_point_cloud_ply_init(tmp_path):
     pts = np.random.RandomState(0).randn(20, 3).astype(np.float32)
     cols = np.random.RandomState(1).randint(0, 256, (20, 3)).astype(np.uint8)
     _write_point_cloud(tmp_path / "pc.ply", pts, cols)
-    p, c = G.load_point_cloud(str(tmp_path / "pc.ply"))
+    p, c = gaussian_init.load_point_cloud(str(tmp_path / "pc.ply"))
     assert torch.equal(p, torch.from_numpy(pts))
     assert torch.allclose(c, torch.from_numpy(cols.astype(np.float32) / 255.0))
     _write_point_cloud(tmp_path / "pc2.ply", pts, None)
-    assert G.load_point_cloud(str(tmp_path / "pc2.ply"))[1] is None
+    assert gaussian_init.load_point_cloud(str(tmp_path / "pc2.ply"))[1] is None
 
 
 def _triangle_obj(path):
@@ -150,11 +150,11 @@ def _triangle_obj(path):
 
 def test_mesh_obj_surface_sampling_with_colours(tmp_path):
     _triangle_obj(tmp_path / "sq.obj")
-    verts, faces, vcol = G.load_mesh(str(tmp_path / "sq.obj"))
+    verts, faces, vcol = gaussian_init.load_mesh(str(tmp_path / "sq.obj"))
     assert verts.shape == (4, 3) and faces.shape == (2, 3)
     assert vcol is not None and torch.allclose(vcol[0], torch.tensor([1.0, 0, 0]), atol=1 / 255)
     gen = torch.Generator().manual_seed(0)
-    pts, cols = G.sample_mesh_surface(verts, faces, 4000, vcol, generator=gen)
+    pts, cols = gaussian_init.sample_mesh_surface(verts, faces, 4000, vcol, generator=gen)
     assert pts.shape == (4000, 3) and cols.shape == (4000, 3)
     assert torch.all(pts[:, 2] == 0) and pts[:, :2].min() >= 0 and pts[:, :2].max() <= 1
     # uniform over the square: mean ~ (0.5, 0.5), each triangle gets ~ half of the samples
@@ -175,36 +175,36 @@ def test_mesh_ply_sampling_and_zero_area(tmp_path):
     mesh = trimesh.creation.icosphere(subdivisions=2, radius=0.7)
     mesh.visual.vertex_colors = np.tile(np.array([[0, 255, 0, 255]], np.uint8), (len(mesh.vertices), 1))
     mesh.export(tmp_path / "s.ply")
-    verts, faces, vcol = G.load_mesh(str(tmp_path / "s.ply"))
-    pts, cols = G.sample_mesh_surface(verts, faces, 500, vcol, generator=torch.Generator().manual_seed(1))
+    verts, faces, vcol = gaussian_init.load_mesh(str(tmp_path / "s.ply"))
+    pts, cols = gaussian_init.sample_mesh_surface(verts, faces, 500, vcol, generator=torch.Generator().manual_seed(1))
     r = pts.norm(dim=-1)
     assert r.max() <= 0.7 + 1e-5 and r.min() > 0.65  # on the (inscribed) icosphere surface
     assert torch.allclose(cols, torch.tensor([0.0, 1.0, 0.0]).expand(500, 3))
     with pytest.raises(ValueError, match="zero surface area"):
-        G.sample_mesh_surface(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), 10)
+        gaussian_init.sample_mesh_surface(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), 10)
 
 
 def test_sphere_and_box_initialisers():
     gen = torch.Generator().manual_seed(0)
-    ball = G.sample_sphere(5000, 0.8, generator=gen)
+    ball = gaussian_init.sample_sphere(5000, 0.8, generator=gen)
     r = ball.norm(dim=-1)
     assert r.max() <= 0.8 + 1e-6
     # uniform in the ball: P(r < R/2) = 1/8
     assert abs((r < 0.4).float().mean().item() - 0.125) < 0.02
-    shell = G.sample_sphere(100, 0.8, surface=True, generator=gen)
+    shell = gaussian_init.sample_sphere(100, 0.8, surface=True, generator=gen)
     assert torch.allclose(shell.norm(dim=-1), torch.full((100,), 0.8), atol=1e-6)
-    box = G.sample_box(5000, 0.3, generator=gen)
+    box = gaussian_init.sample_box(5000, 0.3, generator=gen)
     assert box.abs().max() <= 0.3 and box.abs().max() > 0.29
     assert torch.allclose(box.mean(0), torch.zeros(3), atol=0.02)
     with pytest.raises(ValueError, match="radius > 0"):
-        G.sample_sphere(10, 0.0)
+        gaussian_init.sample_sphere(10, 0.0)
 
 
 def test_upsampling_keeps_originals_and_grows_near_them():
     gen = torch.Generator().manual_seed(0)
     pts = torch.tensor([[0.0, 0, 0], [10.0, 0, 0]])
     cols = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
-    up, upc = G.upsample_points(pts, cols, 1000, jitter=0.1, color_jitter=0.0, generator=gen)
+    up, upc = gaussian_init.upsample_points(pts, cols, 1000, jitter=0.1, color_jitter=0.0, generator=gen)
     assert up.shape == (1000, 3) and torch.equal(up[:2], pts)
     near0 = (up[2:] - pts[0]).norm(dim=-1) < 1.0
     near1 = (up[2:] - pts[1]).norm(dim=-1) < 1.0
@@ -212,7 +212,7 @@ def test_upsampling_keeps_originals_and_grows_near_them():
     assert torch.equal(upc[2:][near0], cols[0].expand(int(near0.sum()), 3))
     std = (up[2:][near0] - pts[0]).std()
     assert abs(std.item() - 0.1) < 0.02
-    same, _ = G.upsample_points(pts, None, 2, 0.1)
+    same, _ = gaussian_init.upsample_points(pts, None, 2, 0.1)
     assert same is pts
 
 
@@ -224,7 +224,7 @@ def test_shap_e_mesh_output_conversion():
     faces = torch.tensor([[0, 1, 2], [0, 1, 3]])
     channels = {"R": torch.tensor([1.0, 1.0, 1.0, 0.0]), "G": torch.zeros(4), "B": torch.tensor([0.0, 0.0, 0.0, 1.0])}
     out = MeshDecoderOutput(verts=verts, faces=faces, vertex_channels=channels)
-    pts, cols = G.shap_e_mesh_to_points(out.verts, out.faces, out.vertex_channels, 2000, generator=torch.Generator().manual_seed(0))
+    pts, cols = gaussian_init.shap_e_mesh_to_points(out.verts, out.faces, out.vertex_channels, 2000, generator=torch.Generator().manual_seed(0))
     assert pts.shape == (2000, 3) and cols.shape == (2000, 3)
     on_z0 = pts[:, 2].abs() < 1e-7  # face 0 lies in z=0 and is pure red
     assert on_z0.any() and (~on_z0).any()
@@ -232,12 +232,12 @@ def test_shap_e_mesh_output_conversion():
     # face 1 (y=0): blue weight equals the barycentric weight of vertex 3 = z
     off = ~on_z0
     assert torch.allclose(cols[off, 2], pts[off, 2], atol=1e-5)
-    params = G.params_from_points(*G.upsample_points(pts, cols, 3000, 0.01, 0.02), sh_degree=0)
+    params = gaussian_init.params_from_points(*gaussian_init.upsample_points(pts, cols, 3000, 0.01, 0.02), sh_degree=0)
     assert params["means"].shape == (3000, 3)
 
 
 def test_init_transform_swaps_y_up_to_z_up():
     p = torch.tensor([[0.0, 1.0, 0.0]])  # "up" in a y-up frame
-    assert torch.allclose(G.apply_init_transform(p, swap_yz=True), torch.tensor([[0.0, 0.0, 1.0]]))
-    q = G.apply_init_transform(torch.tensor([[1.0, 0.0, 0.0]]), scale=2.0, rotation_deg_z=90.0, offset=(0, 0, 1.0))
+    assert torch.allclose(gaussian_init.apply_init_transform(p, swap_yz=True), torch.tensor([[0.0, 0.0, 1.0]]))
+    q = gaussian_init.apply_init_transform(torch.tensor([[1.0, 0.0, 0.0]]), scale=2.0, rotation_deg_z=90.0, offset=(0, 0, 1.0))
     assert torch.allclose(q, torch.tensor([[0.0, 2.0, 1.0]]), atol=1e-6)

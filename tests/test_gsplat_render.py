@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params, spherical_harmonics
 from scoredistill.geometry.densify import GaussianDensifier, GroupView, group_views, scheduled_lr
 from scoredistill.renderer.gsplat_cameras import camera_ray_directions, project_points, threestudio_to_gsplat_cameras
 from scoredistill.renderer.gsplat_render import rasterize, rasterize_cpu
@@ -162,7 +162,7 @@ def test_cpu_rasterizer_depth_sh_and_gradients():
     viewmats, Ks = threestudio_to_gsplat_cameras(c2w, fovy, width, height)
     means = means.clone().requires_grad_(True)
     sh = torch.zeros(25, 4, 3)
-    sh[:, 0] = G.rgb_to_sh0(colors)
+    sh[:, 0] = spherical_harmonics.rgb_to_sh0(colors)
     sh = sh.requires_grad_(True)
     out, alpha, meta = rasterize_cpu(means, quats, scales, opac, sh, viewmats, Ks, width, height, sh_degree=1, render_mode="RGB+ED")
     # degree-1 bands are zero -> colour equals the DC colour; compare with post-activation colours
@@ -236,7 +236,7 @@ def test_cpu_fallback_matches_gsplat_cuda(sh_degree, rasterize_mode):
     means, quats, scales, opac, colors, c2w, fovy = _scene(n=500, seed=7)
     if sh_degree is not None:  # SH path: gsplat's CUDA spherical_harmonics vs the torch one, + 0.5, clamp
         sh = (torch.rand(500, 16, 3, generator=torch.Generator().manual_seed(8)) - 0.5) * 0.6
-        sh[:, 0] = G.rgb_to_sh0(colors)
+        sh[:, 0] = spherical_harmonics.rgb_to_sh0(colors)
         colors = sh
     viewmats, Ks = threestudio_to_gsplat_cameras(c2w, fovy, width, height)
     bg = torch.tensor([[0.3, 0.3, 0.3]])
@@ -256,10 +256,10 @@ def test_cpu_fallback_matches_gsplat_cuda(sh_degree, rasterize_mode):
 
 def _params_and_optimizer(n=6):
     pts = torch.tensor([[i * 0.5, 0.0, 0.0] for i in range(n)])
-    p = G.params_from_points(pts, sh_degree=0, init_opacity=0.5, init_scale=0.005)
+    p = gaussian_init.params_from_points(pts, sh_degree=0, init_opacity=0.5, init_scale=0.005)
     p["scales"][3:] = math.log(0.2)  # Gaussians 3.. are "large" (> grow_scale3d * scene_scale)
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in p.items()})
-    groups = [{"params": [params[k]], "name": f"geometry.{k}", "lr": 0.01} for k in G.PARAM_KEYS]
+    groups = [{"params": [params[k]], "name": f"geometry.{k}", "lr": 0.01} for k in gaussian_params.PARAM_KEYS]
     opt = torch.optim.Adam(groups)
     return params, opt
 
@@ -272,7 +272,7 @@ def test_densification_on_scripted_gradient():
     opt.zero_grad()
     dens = GaussianDensifier({"type": "default", "refine_start_iter": 0, "refine_every": 2, "grow_grad2d": 0.01,
                               "grow_scale3d": 0.01, "reset_every": 10**6, "prune_opa": 0.005})
-    views = group_views(opt, {k: f"geometry.{k}" for k in G.PARAM_KEYS})
+    views = group_views(opt, {k: f"geometry.{k}" for k in gaussian_params.PARAM_KEYS})
     w, h = 10, 10
     # scripted view-space gradient: Gaussians 0 (small) and 3 (large) have |grad| * W/2 above the threshold
     means2d = torch.zeros(1, 6, 2, requires_grad=True)
@@ -317,9 +317,9 @@ def test_densification_on_scripted_gradient():
 def test_pruning_and_opacity_reset():
     params, opt = _params_and_optimizer()
     with torch.no_grad():
-        params["opacities"][1] = G.inverse_sigmoid(torch.tensor(0.001))
+        params["opacities"][1] = gaussian_params.inverse_sigmoid(torch.tensor(0.001))
     dens = GaussianDensifier({"refine_start_iter": 0, "refine_every": 5, "reset_every": 10, "prune_opa": 0.005, "grow_grad2d": 1.0})
-    views = group_views(opt, {k: f"geometry.{k}" for k in G.PARAM_KEYS})
+    views = group_views(opt, {k: f"geometry.{k}" for k in gaussian_params.PARAM_KEYS})
     means2d = torch.zeros(1, 6, 2, requires_grad=True)
     info = {"means2d": means2d, "radii": torch.full((1, 6, 2), 3, dtype=torch.int32), "width": 8, "height": 8, "n_cameras": 1, "gaussian_ids": None}
     dens.pre_backward(params, views, 5, info)
@@ -337,7 +337,7 @@ def test_pruning_and_opacity_reset():
     before = p2["opacities"].detach().clone()
     info = dict(info, means2d=torch.zeros(1, 6, 2, requires_grad=True), radii=torch.full((1, 6, 2), 3, dtype=torch.int32))
     (info["means2d"] * 0).sum().backward()
-    no_reset.post_backward(p2, group_views(o2, {k: f"geometry.{k}" for k in G.PARAM_KEYS}), 10, info)
+    no_reset.post_backward(p2, group_views(o2, {k: f"geometry.{k}" for k in gaussian_params.PARAM_KEYS}), 10, info)
     assert torch.equal(p2["opacities"].detach(), before)
 
 

@@ -54,7 +54,7 @@ def _ckpt_params(ckpt_path):
 
 
 def test_gs_sds_trains_densifies_validates_and_exports(trained):
-    from scoredistill.geometry.gaussians import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     trial, output, _, _ = trained
     save = os.path.join(trial, "save")
@@ -78,7 +78,7 @@ def test_gs_sds_trains_densifies_validates_and_exports(trained):
 
 
 def test_gs_sds_test_and_export_resume_with_same_count(trained):
-    from scoredistill.geometry.gaussians import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     trial, _, sd, exp_root = trained
     ckpt = os.path.join(trial, "ckpts", "last.ckpt")
@@ -149,7 +149,7 @@ def test_geometry_state_dict_resizes_and_ply_init(threestudio_module, tmp_path):
 
 
 def test_rasterizer_outputs_and_background(threestudio_module):
-    from scoredistill.geometry.gaussians import params_from_points
+    from scoredistill.geometry.gaussian_init import params_from_points
 
     geo = _geometry(threestudio_module, init="sphere", num_points=1)
     p = params_from_points(torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 0.0]]), init_opacity=0.9, init_scale=0.2)
@@ -196,7 +196,7 @@ def test_gaussians_train_under_threestudio_dreamfusion_system(tmp_path):
     _, params = _ckpt_params(ckpt)
     assert params["means"].shape == (200, 3)  # no densification without gsplat-system
     run_launch(os.path.join(trial, "configs", "parsed.yaml"), [f"resume={ckpt}", f"exp_root_dir={exp_root}"], mode="--export", exp_root=exp_root)
-    from scoredistill.geometry.gaussians import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     back = load_gaussians_ply(glob.glob(os.path.join(trial, "save", "it*-export", "gaussians.ply"))[0])
     assert torch.equal(back["means"], params["means"])

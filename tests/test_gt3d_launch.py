@@ -1,5 +1,5 @@
 """The ground-truth 3D benchmark in small (CI): threestudio's unmodified launch.py distils the known cube from the
-exact ground-truth prior (scoredistill.bench.gt3d_bench), and the score against the cube's true renders moves.
+exact ground-truth prior (scoredistill.bench.gt3d_prior), and the score against the cube's true renders moves.
 
 * threestudio's own ``stable-diffusion-guidance`` (config ``gs-sds``, CFG 7.5) and one pack method (``vdm-gs``):
   the final PSNR on threestudio's test cameras beats the initial render (step-0 validation) by a stated margin;
@@ -30,28 +30,30 @@ MIRROR_GAP = 4.0
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from scoredistill.bench import gt3d_bench as b
+    from scoredistill.bench.gt3d_prior import build_scene_prior
+    from scoredistill.bench.gt3d_runs import ROW_BY_NAME, run_one
+    from scoredistill.bench.gt3d_scoring import GroundTruth, score_run
 
     out = str(tmp_path_factory.mktemp("gt3d"))
     right = os.path.join(out, "prior")
     mirrored = os.path.join(out, "prior-mirrored")
-    b.build_scene_prior(right, VIEWS, scenes=("cube",))
-    b.build_scene_prior(mirrored, VIEWS, scenes=("cube",), azimuth_offset_deg=180.0)
+    build_scene_prior(right, VIEWS, scenes=("cube",))
+    build_scene_prior(mirrored, VIEWS, scenes=("cube",), azimuth_offset_deg=180.0)
     jobs = {
-        "sds": (b.ROW_BY_NAME["gs-sds (CFG 7.5)"], right, "right"),
-        "vdm": (b.ROW_BY_NAME["vdm-gs"], right, "right"),
-        "mirrored": (b.ROW_BY_NAME["gs-sds (CFG 7.5)"], mirrored, "mirrored"),
+        "sds": (ROW_BY_NAME["gs-sds (CFG 7.5)"], right, "right"),
+        "vdm": (ROW_BY_NAME["vdm-gs"], right, "right"),
+        "mirrored": (ROW_BY_NAME["gs-sds (CFG 7.5)"], mirrored, "mirrored"),
     }
 
     def go(item):
         key, (row, prior, sub) = item
-        info = b.run_one(row, "cube", 0, prior, os.path.join(out, sub), STEPS, "eval", 10.0)
+        info = run_one(row, "cube", 0, prior, os.path.join(out, sub), STEPS, "eval", 10.0)
         return key, info
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         infos = dict(pool.map(go, jobs.items()))
-    gt = b.GroundTruth(n_test=17)
-    scores = {k: b.score_run(v["trial"], "cube", "gs", gt) for k, v in infos.items()}
+    gt = GroundTruth(n_test=17)
+    scores = {k: score_run(v["trial"], "cube", "gs", gt) for k, v in infos.items()}
     for k, v in infos.items():
         scores[k]["unet_samples"] = v["unet_samples"]
     print({k: (round(s["initial_psnr"], 2), round(s["psnr"], 2)) for k, s in scores.items()}, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The per-step overhead probes (scoredistill.bench.overhead) and the removed host-device syncs."""
+"""The per-step overhead probes (scoredistill.bench.guidance_overhead) and the removed host-device syncs."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ _one_thread = one_thread_fixture()
 
 
 def test_host_read_counter_counts_value_reads():
-    from scoredistill.bench.overhead import HostReadCounter
+    from scoredistill.bench.guidance_overhead import HostReadCounter
 
     x = torch.tensor([3.0])
     with HostReadCounter() as c:
@@ -21,7 +21,7 @@ def test_host_read_counter_counts_value_reads():
 
 
 def test_model_timer_counts_module_time_once():
-    from scoredistill.bench.overhead import ModelTimer
+    from scoredistill.bench.guidance_overhead import ModelTimer
 
     inner = torch.nn.Linear(64, 64)
     outer = torch.nn.Sequential(inner, torch.nn.Tanh())
@@ -42,7 +42,7 @@ def test_model_timer_counts_module_time_once():
 
 @pytest.mark.threestudio
 def test_measure_overhead_on_a_tiny_guidance(tiny_sd, threestudio_module, tmp_path):
-    from scoredistill.bench.overhead import measure_overhead
+    from scoredistill.bench.guidance_overhead import measure_overhead
 
     pu = make_prompt_utils(threestudio_module, tiny_sd, tmp_path)
     g = threestudio_module.find("uds-guidance")(tiny_guidance_config(tiny_sd, image_size=32))

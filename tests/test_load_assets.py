@@ -3,7 +3,7 @@ import os
 
 import torch
 
-from scoredistill.geometry.gaussians import load_mesh, sample_mesh_surface
+from scoredistill.geometry.gaussian_init import load_mesh, sample_mesh_surface
 
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "load", "shapes", "octahedron.obj")
 

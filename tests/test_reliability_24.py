@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from scoredistill import cli
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_ply
 from scoredistill.suite import report, runner, spec, state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -299,10 +299,10 @@ def test_ply_values_out_of_range_are_refused_naming_the_file(tmp_path, key, valu
     # means at 3e38 -> xatlas hung for over 10 minutes
     p = _params()
     p[key][2, 1] = value
-    path = G.save_gaussians_ply(str(tmp_path / "extreme.ply"), p)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "extreme.ply"), p)
     with pytest.raises(ValueError, match=r"^system.geometry.init_path = '.*extreme.ply': the PLY holds values out "
                                          r"of range: " + match):
-        G.load_gaussians_ply(path, setting="system.geometry.init_path")
+        gaussian_ply.load_gaussians_ply(path, setting="system.geometry.init_path")
 
 
 @pytest.mark.threestudio
@@ -310,7 +310,7 @@ def test_an_extreme_ply_as_init_path_is_refused_when_the_geometry_is_built(three
     # before: accepted; the run crashed mid-training (exp(100) overflows float32)
     p = _params()
     p["scales"][4, 2] = 100.0
-    path = G.save_gaussians_ply(str(tmp_path / "init.ply"), p)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "init.ply"), p)
     with pytest.raises(ValueError, match=r"^system.geometry.init_path = '.*init.ply': the PLY holds values out of "
                                          r"range: scale_\* \(log-scales\) of 1 Gaussians"):
         threestudio_module.find("gsplat-gaussian-splatting")({"init": "ply", "init_path": path})
@@ -319,9 +319,9 @@ def test_an_extreme_ply_as_init_path_is_refused_when_the_geometry_is_built(three
 def test_all_zero_rotation_is_refused(tmp_path):
     p = _params()
     p["quats"][1] = 0.0
-    path = G.save_gaussians_ply(str(tmp_path / "q.ply"), p)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "q.ply"), p)
     with pytest.raises(ValueError, match=r"q.ply'?: the PLY holds values out of range: rot_\* of 1 Gaussians all zero"):
-        G.load_gaussians_ply(path)
+        gaussian_ply.load_gaussians_ply(path)
 
 
 def test_f_rest_count_that_is_no_sh_degree_names_the_file(tmp_path):
@@ -334,8 +334,8 @@ def test_f_rest_count_that_is_no_sh_degree_names_the_file(tmp_path):
     arr["rot_0"] = 1
     path = str(tmp_path / "odd.ply")
     PlyData([PlyElement.describe(arr, "vertex")]).write(path)
-    for fn in (lambda: G.load_gaussians_ply(path, setting="system.source_ply"),
-               lambda: G.ply_sh_degree(path, setting="system.source_ply")):
+    for fn in (lambda: gaussian_ply.load_gaussians_ply(path, setting="system.source_ply"),
+               lambda: gaussian_ply.ply_sh_degree(path, setting="system.source_ply")):
         with pytest.raises(ValueError, match=r"^system.source_ply = '.*odd.ply': 48 f_rest_\* properties \(17 SH "
                                              r"coefficients per channel\) is not an SH degree 0..3"):
             fn()
@@ -345,7 +345,7 @@ def test_mesh_cli_refuses_an_extreme_ply_in_one_line(tmp_path):
     # before: OverflowError traceback
     p = _params()
     p["scales"][0, 0] = 100.0
-    path = G.save_gaussians_ply(str(tmp_path / "big.ply"), p)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "big.ply"), p)
     _one_line_error(_cli(["mesh", path, str(tmp_path / "out")], tmp_path, timeout=300), "big.ply",
                     "log-scales) of 1 Gaussians outside [-40, 20]")
     assert not os.path.exists(tmp_path / "out" / "model.obj")
@@ -399,7 +399,7 @@ def _system_cfg(config, *overrides):
 ])
 def test_launch_settings_are_refused_in_configure_naming_the_setting(threestudio_module, monkeypatch, override, match):
     # before: KeyError / TypeError / torch's "Invalid learning rate" without the setting, or silently accepted
-    monkeypatch.setattr(G, "run_shap_e", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Shap-E ran first")))
+    monkeypatch.setattr(gaussian_init, "run_shap_e", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Shap-E ran first")))
     cfg = _system_cfg("vdm-gs.yaml", "system.prompt_processor.prompt=a red ball", *override.split())
     with pytest.raises(ValueError, match=match):
         threestudio_module.find("gsplat-system")(cfg)
@@ -468,7 +468,7 @@ def test_data_settings_are_refused_in_configure_under_launch_py(threestudio_modu
     # launch.py makes `dm` and then the system: the system's configure finds it and checks data.* before Shap-E
     from threestudio.data.uncond import RandomCameraDataModule
 
-    monkeypatch.setattr(G, "run_shap_e", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Shap-E ran first")))
+    monkeypatch.setattr(gaussian_init, "run_shap_e", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Shap-E ran first")))
     cfg = _system_cfg("vdm-gs.yaml", "system.prompt_processor.prompt=a red ball")
     dm = RandomCameraDataModule({"batch_size": 0})  # noqa: F841  (what launch.py holds while building the system)
     with pytest.raises(ValueError, match=r"^data.batch_size must be an integer >= 1"):

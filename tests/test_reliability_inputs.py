@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params, gaussian_ply
 from scoredistill.geometry.densify import GaussianDensifier, group_views
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,9 +35,9 @@ def test_ply_import_rejects_non_finite_values_naming_the_file(tmp_path, key, pro
     # before: the NaN was loaded silently (it later spread into the UDS edit target)
     p = _params(degree=1)
     p[key].view(-1)[2] = NAN
-    path = G.save_gaussians_ply(str(tmp_path / "nan.ply"), p)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "nan.ply"), p)
     with pytest.raises(ValueError) as e:
-        G.load_gaussians_ply(path, setting="system.geometry.init_path")
+        gaussian_ply.load_gaussians_ply(path, setting="system.geometry.init_path")
     msg = str(e.value)
     assert "system.geometry.init_path" in msg and "nan.ply" in msg and "non-finite" in msg and f"1 in {prop}" in msg
 
@@ -50,25 +50,25 @@ def test_point_cloud_import_rejects_non_finite_points(tmp_path):
     path = str(tmp_path / "pc.ply")
     PlyData([PlyElement.describe(arr, "vertex")]).write(path)
     with pytest.raises(ValueError, match=r"system.geometry.init_path = '.*pc.ply'.*non-finite.*1 in x/y/z"):
-        G.load_point_cloud(path, setting="system.geometry.init_path")
+        gaussian_init.load_point_cloud(path, setting="system.geometry.init_path")
 
 
 def test_truncated_ply_error_names_file_and_setting(tmp_path):
     # before: plyfile's own error, naming neither the file nor the setting
-    path = G.save_gaussians_ply(str(tmp_path / "cut.ply"), _params(n=50))
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "cut.ply"), _params(n=50))
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) - 300])
     with pytest.raises(ValueError, match=r"system.source_ply = '.*cut.ply': cannot read the PLY \(truncated"):
-        G.load_gaussians_ply(path, setting="system.source_ply")
+        gaussian_ply.load_gaussians_ply(path, setting="system.source_ply")
 
 
 def test_zero_gaussians_export_and_import(tmp_path):
     # before: "cannot reshape tensor of 0 elements", so a fully pruned model crashed the end-of-training save
     for degree in (0, 3):
         empty = {k: v[:0] for k, v in _params(degree=degree).items()}
-        path = G.save_gaussians_ply(str(tmp_path / f"empty{degree}.ply"), empty)
-        back = G.load_gaussians_ply(path)
+        path = gaussian_ply.save_gaussians_ply(str(tmp_path / f"empty{degree}.ply"), empty)
+        back = gaussian_ply.load_gaussians_ply(path)
         assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in empty.items()}
 
 
@@ -76,13 +76,13 @@ def test_zero_gaussians_export_and_import(tmp_path):
 def test_higher_degree_ply_is_refused_not_truncated(tmp_path):
     # before: a degree-3 PLY loaded with sh_degree 0 silently lost its 15 bands
     p = _params(degree=3)
-    path = G.save_gaussians_ply(str(tmp_path / "d3.ply"), p)
-    assert G.ply_sh_degree(path) == 3
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "d3.ply"), p)
+    assert gaussian_ply.ply_sh_degree(path) == 3
     with pytest.raises(ValueError, match=r"SH degree 3 .* system.geometry.sh_degree is 0; set system.geometry.sh_degree: 3"):
-        G.load_gaussians_ply(path, sh_degree=0, setting="system.geometry.init_path", sh_setting="system.geometry.sh_degree")
-    kept = G.load_gaussians_ply(path, sh_degree=3)
+        gaussian_ply.load_gaussians_ply(path, sh_degree=0, setting="system.geometry.init_path", sh_setting="system.geometry.sh_degree")
+    kept = gaussian_ply.load_gaussians_ply(path, sh_degree=3)
     assert torch.equal(kept["shN"], p["shN"])
-    dropped = G.load_gaussians_ply(path, sh_degree=1, drop_sh_bands=True)  # explicit
+    dropped = gaussian_ply.load_gaussians_ply(path, sh_degree=1, drop_sh_bands=True)  # explicit
     assert torch.equal(dropped["shN"], p["shN"][:, :3])
 
 
@@ -97,7 +97,7 @@ def test_atomic_write_gives_umask_mode_and_removes_stale_temporaries(tmp_path):
     other.write_bytes(b"y")
     old = os.umask(0o027)
     try:
-        path = G.save_gaussians_ply(str(tmp_path / "g.ply"), _params())
+        path = gaussian_ply.save_gaussians_ply(str(tmp_path / "g.ply"), _params())
     finally:
         os.umask(old)
     assert (os.stat(path).st_mode & 0o777) == 0o640
@@ -109,7 +109,7 @@ def test_atomic_write_gives_umask_mode_and_removes_stale_temporaries(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        G.write_ply_atomic(path, boom)
+        gaussian_ply.write_ply_atomic(path, boom)
     assert sorted(os.listdir(tmp_path)) == sorted(["g.ply", other.name])
 
 
@@ -150,16 +150,16 @@ def test_absgrad_and_packed_need_the_renderers_output():
 
 def _scripted(n=6):
     pts = torch.tensor([[i * 0.5, 0.0, 0.0] for i in range(n)])
-    p = G.params_from_points(pts, sh_degree=0, init_opacity=0.5, init_scale=0.005)
+    p = gaussian_init.params_from_points(pts, sh_degree=0, init_opacity=0.5, init_scale=0.005)
     with torch.no_grad():
         p["opacities"] += torch.arange(n, dtype=torch.float32) * 0.1  # distinct opacities
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in p.items()})
-    opt = torch.optim.Adam([{"params": [params[k]], "name": f"geometry.{k}", "lr": 0.01} for k in G.PARAM_KEYS])
+    opt = torch.optim.Adam([{"params": [params[k]], "name": f"geometry.{k}", "lr": 0.01} for k in gaussian_params.PARAM_KEYS])
     return params, opt
 
 
 def _refine_everything(dens, params, opt, step):
-    views = group_views(opt, {k: f"geometry.{k}" for k in G.PARAM_KEYS})
+    views = group_views(opt, {k: f"geometry.{k}" for k in gaussian_params.PARAM_KEYS})
     n = params["means"].shape[0]
     means2d = torch.zeros(1, n, 2, requires_grad=True)
     info = {"means2d": means2d, "radii": torch.full((1, n, 2), 3, dtype=torch.int32), "width": 10, "height": 10,
@@ -243,7 +243,7 @@ def test_non_finite_geometry_settings_are_refused(threestudio_module, override, 
 @pytest.mark.threestudio
 def test_ply_init_keeps_bands_and_starts_at_the_files_degree(threestudio_module, tmp_path):
     p = _params(n=7, degree=3)
-    path = G.save_gaussians_ply(str(tmp_path / "d3.ply"), p)
+    path = gaussian_ply.save_gaussians_ply(str(tmp_path / "d3.ply"), p)
     find = threestudio_module.find("gsplat-gaussian-splatting")
     with pytest.raises(ValueError, match=r"system.geometry.init_path = .*d3.ply.*SH degree 3.*system.geometry.sh_degree is 0"):
         find({"init": "ply", "init_path": path, "sh_degree": 0})
@@ -299,7 +299,7 @@ def test_system_settings_are_refused_before_shap_e_and_models_load(threestudio_m
     def no_shap_e(*a, **k):
         raise AssertionError("Shap-E was started before the settings were checked")
 
-    monkeypatch.setattr(G, "run_shap_e", no_shap_e)
+    monkeypatch.setattr(gaussian_init, "run_shap_e", no_shap_e)
     cfg = _system_cfg(threestudio_module, config, "system.prompt_processor.prompt=a red ball", override)
     with pytest.raises(ValueError, match=match):
         threestudio_module.find(cfg_type(config))(cfg)
@@ -348,7 +348,7 @@ def test_uds_edit_source_keeps_its_sh_bands_from_step_0(threestudio_module, tmp_
     """Issue 14 item 5: the UDS editing source (a degree-3 3DGS PLY) renders with its view-dependent colour from
     step 0; with the config's default sh_degree 0 the PLY is refused instead of losing its 15 bands."""
     p = _params(n=20, degree=3)
-    ply = G.save_gaussians_ply(str(tmp_path / "asset.ply"), p)
+    ply = gaussian_ply.save_gaussians_ply(str(tmp_path / "asset.ply"), p)
     base = ["system.prompt_processor.prompt=a red ball", "system.source_prompt=a ball", f"system.source_ply={ply}"]
     cfg = _system_cfg(threestudio_module, "uds-edit-gs.yaml", *base)
     with pytest.raises(ValueError, match=r"asset.ply.*SH degree 3 .*system.geometry.sh_degree is 0"):
@@ -378,7 +378,7 @@ def test_exporter_temp_folder_is_removed_and_ply_has_umask_mode(threestudio_modu
     assert (os.stat(first).st_mode & 0o777) == (0o666 & ~_umask())
     second = exporter()[0].params["src_path"]
     assert os.path.isfile(second) and not os.path.exists(os.path.dirname(first))
-    assert G.load_gaussians_ply(second)["means"].shape == (5, 3)
+    assert gaussian_ply.load_gaussians_ply(second)["means"].shape == (5, 3)
     del exporter
     gc.collect()
     assert not os.path.exists(os.path.dirname(second))

@@ -222,10 +222,10 @@ def _add_plys(suite):
     """Give every finished run of a stand-in suite a Gaussians PLY (the ground-truth cube, 3000 Gaussians)."""
     import shutil
 
-    from scoredistill.bench import gt3d_bench
+    from scoredistill.bench import gt_scenes
 
-    gt3d_bench.scene_params("cube")
-    src = os.path.join(gt3d_bench.SCENE_DIR, "cube.ply")
+    gt_scenes.scene_params("cube")
+    src = os.path.join(gt_scenes.SCENE_DIR, "cube.ply")
     n = 0
     for r in suite.runs():
         if os.path.isdir(os.path.join(r.trial_dir, "save")):

@@ -33,7 +33,7 @@ def _rows(trial):
 
 
 def test_generate_export_then_edit_the_exported_ply(tiny_sd, tmp_path):
-    from scoredistill.geometry.gaussians import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     exp_root = str(tmp_path / "outputs")
     gen_cfg = os.path.join(REPO, "configs", "uds-gs.yaml")
@@ -123,7 +123,8 @@ def test_nerf_generate_then_edit_the_checkpoint(tiny_sd, tmp_path):
 def test_gs_edit_identical_prompts_unchanged_target_zero_gradient(tiny_sd, tmp_path):
     """Same source and target prompt, target = source: every step's Eq. 14 gradient is exactly zero and the
     target stays identical to the source (nothing moves it)."""
-    from scoredistill.geometry.gaussians import load_gaussians_ply, params_from_points, sample_sphere, save_gaussians_ply
+    from scoredistill.geometry.gaussian_init import params_from_points, sample_sphere
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply, save_gaussians_ply
 
     g = torch.Generator().manual_seed(0)
     pts = sample_sphere(200, 0.5, generator=g)

@@ -26,7 +26,7 @@ from harness import import_threestudio  # noqa: E402
 threestudio = import_threestudio()
 import torch  # noqa: E402
 
-from scoredistill.geometry import gaussians as G  # noqa: E402
+from scoredistill.geometry import gaussian_init, gaussian_ply  # noqa: E402
 from threestudio.utils.config import load_config  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def _stub(*a, **k):
     raise Heavy()
 
 
-G.run_shap_e = _stub
+gaussian_init.run_shap_e = _stub
 
 OVERRIDES = [
     "system.geometry.init_radius=.nan", "system.geometry.init_scale=.nan", "system.geometry.upsample_jitter=.nan",
@@ -95,18 +95,18 @@ def file_inputs(tmp):
     for key in ("means", "opacities", "shN", "scales"):
         p = _params(degree=1)
         p[key].view(-1)[0] = float("nan")
-        path = G.save_gaussians_ply(os.path.join(tmp, f"nan-{key}.ply"), p)
-        run(f"PLY with NaN {key}", lambda path=path: G.load_gaussians_ply(path))
-    path = G.save_gaussians_ply(os.path.join(tmp, "cut.ply"), _params(n=50))
+        path = gaussian_ply.save_gaussians_ply(os.path.join(tmp, f"nan-{key}.ply"), p)
+        run(f"PLY with NaN {key}", lambda path=path: gaussian_ply.load_gaussians_ply(path))
+    path = gaussian_ply.save_gaussians_ply(os.path.join(tmp, "cut.ply"), _params(n=50))
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-200])
-    run("truncated PLY", lambda: G.load_gaussians_ply(path))
-    d3 = G.save_gaussians_ply(os.path.join(tmp, "d3.ply"), _params(degree=3))
-    run("degree-3 PLY with sh_degree 0", lambda: G.load_gaussians_ply(d3, sh_degree=0))
+    run("truncated PLY", lambda: gaussian_ply.load_gaussians_ply(path))
+    d3 = gaussian_ply.save_gaussians_ply(os.path.join(tmp, "d3.ply"), _params(degree=3))
+    run("degree-3 PLY with sh_degree 0", lambda: gaussian_ply.load_gaussians_ply(d3, sh_degree=0))
 
     def empty_roundtrip():
         e = {k: v[:0] for k, v in _params().items()}
-        G.load_gaussians_ply(G.save_gaussians_ply(os.path.join(tmp, "empty.ply"), e))
+        gaussian_ply.load_gaussians_ply(gaussian_ply.save_gaussians_ply(os.path.join(tmp, "empty.ply"), e))
     run("zero Gaussians export/import (must work)", empty_roundtrip)
     return out
 

@@ -93,19 +93,19 @@ class CountingUNet(nn.Module):
         return out.sample.to(x.dtype)
 
     # ------------------------------------------------------------------ pass-through
+    def _unet_property(self, name: str, kind: type):
+        """The wrapped UNet's ``name`` (``dtype`` / ``device``) when it has one of type ``kind`` (diffusers models
+        do), else that of its first parameter."""
+        d = getattr(self.unet, name, None)
+        return d if isinstance(d, kind) else getattr(next(self.unet.parameters()), name)
+
     @property
     def dtype(self) -> torch.dtype:
-        d = getattr(self.unet, "dtype", None)
-        if isinstance(d, torch.dtype):
-            return d
-        return next(self.unet.parameters()).dtype
+        return self._unet_property("dtype", torch.dtype)
 
     @property
     def device(self) -> torch.device:
-        d = getattr(self.unet, "device", None)
-        if isinstance(d, torch.device):
-            return d
-        return next(self.unet.parameters()).device
+        return self._unet_property("device", torch.device)
 
     def __getattr__(self, name):
         try:

@@ -112,15 +112,15 @@ def build_sd21_arch_pipeline(folder: str, device: str = "cpu", seed: int = 0) ->
 
 
 def _scene(n: int, seed: int = 0):
-    from ..geometry import gaussians as G
+    from ..geometry import gaussian_init
 
     import math
 
     gen = torch.Generator().manual_seed(seed)
-    pts = G.sample_sphere(n, 0.5, generator=gen)
+    pts = gaussian_init.sample_sphere(n, 0.5, generator=gen)
     # scale = the mean spacing of n points in the ball (no O(n²) nearest-neighbour search at 1M Gaussians)
     spacing = (4.0 / 3.0 * math.pi * 0.5**3 / n) ** (1.0 / 3.0)
-    return G.params_from_points(pts, torch.rand(n, 3, generator=gen), sh_degree=0, init_opacity=0.5, init_scale=spacing)
+    return gaussian_init.params_from_points(pts, torch.rand(n, 3, generator=gen), sh_degree=0, init_opacity=0.5, init_scale=spacing)
 
 
 def _camera(res: int, device):
@@ -133,11 +133,11 @@ def _camera(res: int, device):
 
 
 def _render(params, res, device, backend, dtype=torch.float32):
-    from ..geometry import gaussians as G
+    from ..geometry import gaussian_params
     from ..renderer.gsplat_render import rasterize
 
     leaves = {k: v.detach().to(device, dtype).requires_grad_(True) for k, v in params.items()}
-    a = G.activated(leaves)
+    a = gaussian_params.activated(leaves)
     viewmats, Ks = _camera(res, device)
     rgbd, alpha, _ = rasterize(a["means"], a["quats"], a["scales"], a["opacities"], a["colors"],
                                viewmats.to(dtype), Ks.to(dtype), res, res, sh_degree=0, render_mode="RGB+ED",

@@ -4,7 +4,7 @@ For every config in ``configs/`` (except the CPU smoke config ``hifa-cpu-smoke``
 unmodified ``launch.py`` (through :mod:`scoredistill.bench.gt3d_probe`, which only adds a recording callback) at
 the config's own settings -- resolution, batch, Gaussian count growth and densification, schedules over its
 ``trainer.max_steps``, learning rates, precision -- on the ground-truth prior of
-:mod:`scoredistill.bench.gt3d_bench` (built once, here at the configs' 512² renders, and reused by every run),
+:mod:`scoredistill.bench.gt3d_prior` (built once, here at the configs' 512² renders, and reused by every run),
 several launch.py processes sharing the GPU at once.  Each run ends with threestudio's test (the test views and
 video), the Gaussian systems' PLY, and for Gaussian configs the textured mesh (``launch.py --export`` with the
 pack's ``gsplat-mesh-exporter`` from the run's ``last.ckpt``).
@@ -13,7 +13,7 @@ What is not the config's own (stated in every results file):
 
 * the prompt (the scene's, ``a DSLR photo of a cube`` by default) and the prior folder;
 * the training / evaluation cameras: the benchmark's ``eval`` setting (distance 2, fovy 70, elevation
-  [-10, 45], no perturbation; :data:`scoredistill.bench.gt3d_bench.CAMERA_SETTINGS`): the prior covers only
+  [-10, 45], no perturbation; :data:`scoredistill.bench.gt3d_cameras.CAMERA_SETTINGS`): the prior covers only
   these; ``data.n_val_views=4`` (the PSNR-against-step curve);
 * ``system.guidance.half_precision_weights=false``: the prior's exact noise is computed in float64 whatever the
   weights, and fp16 weights would round its component means;
@@ -73,8 +73,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..testing import threestudio_cpu
-from . import gt3d_bench as B
-from . import gt_scenes
+from ..paths import CONFIGS
+from . import gt3d_prior, gt_scenes
+from .gt3d_cameras import data_config
+from .gt3d_report import plot_psnr_curves
+from .gt3d_runs import GT_PRIOR_LAUNCH, PACK_PARENT, threestudio_root
+from .gt3d_scoring import GroundTruth, read_panels, score_run, step_images, validation_curve
 
 #: configs that are not a method at paper settings
 SKIP_CONFIGS = ("hifa-cpu-smoke",)
@@ -141,7 +145,7 @@ def s_per_it_estimate(name: str) -> float:
 def max_steps_of(name: str) -> int:
     from omegaconf import OmegaConf
 
-    return int(OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml")).trainer.max_steps)
+    return int(OmegaConf.load(os.path.join(CONFIGS, name + ".yaml")).trainer.max_steps)
 
 
 def data_schedule(name: str) -> Dict[str, list]:
@@ -149,7 +153,7 @@ def data_schedule(name: str) -> Dict[str, list]:
     ``width``, ``height``, ``batch_size`` a list (a scalar is a one-entry list); threestudio asserts equal lengths."""
     from omegaconf import OmegaConf
 
-    d = OmegaConf.to_container(OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml")).data)
+    d = OmegaConf.to_container(OmegaConf.load(os.path.join(CONFIGS, name + ".yaml")).data)
     return {k: (list(d[k]) if isinstance(d.get(k), list) else [d.get(k, 1 if k == "batch_size" else 64)])
             for k in ("width", "height", "batch_size")}
 
@@ -195,7 +199,7 @@ def plan_text(p: Dict) -> str:
 _LOCK = threading.Lock()
 
 
-def config_names(configs_dir: str = B.CONFIGS) -> List[str]:
+def config_names(configs_dir: str = CONFIGS) -> List[str]:
     return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(configs_dir, "*.yaml"))
                   if os.path.splitext(os.path.basename(p))[0] not in SKIP_CONFIGS)
 
@@ -204,7 +208,7 @@ def config_kind(name: str) -> str:
     """``gs`` (gsplat generation), ``gs-edit``, ``nerf`` or ``nerf-edit``, from the config's system / geometry."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml"))
+    cfg = OmegaConf.load(os.path.join(CONFIGS, name + ".yaml"))
     system = str(cfg.get("system_type", ""))
     if system == "gsplat-edit-system":
         return "gs-edit"
@@ -227,7 +231,7 @@ def encodings_of(name: str, kind: str, cuda: bool) -> str:
     if cuda:
         from omegaconf import OmegaConf
 
-        renderer = str(OmegaConf.load(os.path.join(B.CONFIGS, name + ".yaml")).system.get("renderer_type", "?"))
+        renderer = str(OmegaConf.load(os.path.join(CONFIGS, name + ".yaml")).system.get("renderer_type", "?"))
         return f"{renderer} (nerfacc CUDA), pure-torch encodings / MLPs"
     return "kernel-smoothed-volume-renderer (CPU), pure-torch encodings, 16-neuron MLP"
 
@@ -242,7 +246,7 @@ def run_overrides(name: str, kind: str, scene: str, seed: int, prior: str, exp_r
          "system.prompt_processor.spawn=false", "system.guidance.half_precision_weights=false",
          f"system.prompt_processor.prompt={gt_scenes.PROMPTS[scene]}",
          f"trainer.max_time={max_time_arg(max_time_s)}", "data.n_val_views=4"]
-    dc = B.data_config("eval")
+    dc = data_config("eval")
     for k in ("camera_distance_range", "fovy_range", "elevation_range"):
         o.append(f"data.{k}=[{dc[k][0]},{dc[k][1]}]")
     for k in ("camera_perturb", "center_perturb", "up_perturb", "eval_camera_distance", "eval_fovy_deg",
@@ -253,8 +257,8 @@ def run_overrides(name: str, kind: str, scene: str, seed: int, prior: str, exp_r
     if kind == "gs":
         o.append("system.geometry.init=sphere")
     elif kind == "gs-edit":
-        B.scene_params(source_scene)
-        o += [f"system.source_ply={os.path.join(B.SCENE_DIR, source_scene + '.ply')}",
+        gt_scenes.scene_params(source_scene)
+        o += [f"system.source_ply={os.path.join(gt_scenes.SCENE_DIR, source_scene + '.ply')}",
               f"system.source_prompt={gt_scenes.PROMPTS[source_scene]}"]
     else:
         if cuda:
@@ -299,9 +303,9 @@ def launch(args: List[str], root: str, log_path: str, deadline: float, probe_pat
     :mod:`scoredistill.testing.threestudio_cpu`, and the ground-truth prior's import wrapper) in its own process group; killed at ``deadline`` (epoch seconds).  Returns ``{"rc", "killed", "seconds"}``."""
     cuda = torch.cuda.is_available()
     cmd = [sys.executable] + ([PROBE] if probe_path else [])
-    cmd += ([] if cuda else [threestudio_cpu.CPU_LAUNCH]) + [B.GT_PRIOR_LAUNCH, "launch.py"] + args
+    cmd += ([] if cuda else [threestudio_cpu.CPU_LAUNCH]) + [GT_PRIOR_LAUNCH, "launch.py"] + args
     env = dict(os.environ)
-    paths = [B.PACK_PARENT] + ([] if cuda else [threestudio_cpu.STUBS])
+    paths = [PACK_PARENT] + ([] if cuda else [threestudio_cpu.STUBS])
     # launch.py runs in the threestudio tree: relative entries (e.g. the GPU kit's .gpu-kit/stubs) made absolute
     paths += [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -466,7 +470,7 @@ class Bench:
                 info = dict(old["info"], reused=True)  # the same prior already in --work: not rebuilt
                 self.log(f"{key}: reused from {folder} (same views, size, std, scenes)")
             else:
-                info = B.build_scene_prior(folder, a.views, "eval", a.component_std, scenes=scenes, size=a.size,
+                info = gt3d_prior.build_scene_prior(folder, a.views, "eval", a.component_std, scenes=scenes, size=a.size,
                                            device=dev, log=self.log, memo=memo)
                 info["seconds"] = time.time() - t
                 from scoredistill.atomic_io import atomic_write_json
@@ -523,7 +527,7 @@ class Bench:
         a = self.args
         if kind.startswith("nerf"):
             self.wait_nerfacc()
-        root = B.threestudio_root()
+        root = threestudio_root()
         exp_root = os.path.join(a.work, "runs", f"seed{seed}")
         os.makedirs(exp_root, exist_ok=True)
         logs = os.path.join(a.work, "logs")
@@ -539,7 +543,7 @@ class Bench:
             src_o = run_overrides("uds-nerf", "nerf", a.edit_source, seed, self.prior_link(prior_dir, f"{name}-source-seed{seed}"),
                                   os.path.join(exp_root, "edit-source"),
                                   src_s, a.scale, self.cuda, test_views=1, cpu_steps=a.cpu_steps)
-            r = launch(["--config", os.path.join(B.CONFIGS, "uds-nerf.yaml"), "--train", "--gpu", "0"] + src_o, root,
+            r = launch(["--config", os.path.join(CONFIGS, "uds-nerf.yaml"), "--train", "--gpu", "0"] + src_o, root,
                        os.path.join(logs, f"{name}-source-seed{seed}.log"),
                        self.deadline - self.res["score"] - self.res["finish"])
             source_ckpt = os.path.join(exp_root, "edit-source", "uds-nerf", f"{a.edit_source}", "ckpts", "last.ckpt")
@@ -562,7 +566,7 @@ class Bench:
                           cpu_steps=a.cpu_steps)
         probe_path = os.path.join(logs, f"{name}-seed{seed}.probe.json")
         log_path = os.path.join(logs, f"{name}-seed{seed}.log")
-        r = launch(["--config", os.path.join(B.CONFIGS, name + ".yaml"), "--train", "--gpu", "0"] + o, root, log_path,
+        r = launch(["--config", os.path.join(CONFIGS, name + ".yaml"), "--train", "--gpu", "0"] + o, root, log_path,
                    self.deadline - self.res["score"], probe_path=probe_path,
                    env_extra={"SCOREDISTILL_GT_UNET_COUNT_FILE": os.path.join(logs, f"{name}-seed{seed}.unet.json"),
                               "SCOREDISTILL_GT3D_TRAIN_UNTIL": repr(until),
@@ -581,7 +585,7 @@ class Bench:
         trial = os.path.join(exp_root, name, a.scene)
         rec["trial"] = trial
         rec["status"] = status_of(rec)
-        tested = bool(B._step_images(trial, "it*-test/*.png"))
+        tested = bool(step_images(trial, "it*-test/*.png"))
         if r["rc"] not in (0, None) and not r["killed"] and tested:
             # e.g. the test video needs an mp4 writer (imageio-ffmpeg): the test images, PLY and checkpoint are there
             rec["status"] = f"trained and test images written, then failed (exit {r['rc']}): {rec.get('error', '')}"
@@ -603,22 +607,16 @@ class Bench:
         with _LOCK:
             if self.gt is None:
                 n_test = self.args.test_views or (CPU_SCALE["n_test_views"] if self.args.scale == "cpu" else 120)
-                self.gt = B.GroundTruth(n_test=n_test, n_val=4, device="cuda" if self.cuda else "cpu")
+                self.gt = GroundTruth(n_test=n_test, n_val=4, device="cuda" if self.cuda else "cpu")
         out = {}
-        if B._step_images(trial, "it*-test/*.png"):
-            m = B.score_run(trial, self.args.scene, "gs" if kind.startswith("gs") else "nerf", self.gt)
+        if step_images(trial, "it*-test/*.png"):
+            m = score_run(trial, self.args.scene, "gs" if kind.startswith("gs") else "nerf", self.gt)
             out.update({k: m[k] for k in ("psnr", "ssim", "iou", "chroma_ratio", "intensity_ratio", "final_step")})
             if "chamfer" in m:
                 out["chamfer"] = m["chamfer"]
             out["curve"] = m["curve"]
         else:  # killed before the test: the validation curve still scores the run so far
-            vals = B._step_images(trial, "it*-[0-9]*.png")
-            curve = []
-            for step in sorted(vals):
-                imgs = torch.stack([B._read_panels(p)[0] for p in vals[step][:4]])
-                g, _ = self.gt.get(self.args.scene, "val", imgs.shape[1])
-                curve.append((step, B.psnr(imgs, g[: len(imgs)])))
-            out["curve"] = curve
+            out["curve"] = validation_curve(trial, self.args.scene, self.gt)
             out["scoring"] = "no test images: validation curve only"
         return out
 
@@ -634,7 +632,7 @@ class Bench:
             self.extra_meta["plan_ESTIMATE"] = a.plan
         from scoredistill.paths import link
 
-        link(B.threestudio_root())
+        link(threestudio_root())
         if any(k.startswith("nerf") for k in kinds.values()):
             self.start_nerfacc_build()
         priors = self.build_priors(list(kinds.values()))
@@ -754,17 +752,17 @@ def write_grid(path: str, results: List[Dict], gt, scene: str, views=(0, 30, 60,
 
 def _write_grid(path: str, results: List[Dict], gt, scene: str, views) -> None:
 
-    rows = sorted([r for r in results if r.get("trial") and B._step_images(r["trial"], "it*-test/*.png")],
+    rows = sorted([r for r in results if r.get("trial") and step_images(r["trial"], "it*-test/*.png")],
                   key=lambda r: r["config"])
     fig = _figure((6, 1.6 * (len(rows) + 1)))
     axes = fig.subplots(len(rows) + 1, 1, squeeze=False)
     strips = []
     for r in rows:
-        tests = B._step_images(r["trial"], "it*-test/*.png")
+        tests = step_images(r["trial"], "it*-test/*.png")
         imgs = tests[max(tests)]
         vs = [v * len(imgs) // 120 for v in views]
         strips.append((f"{r['config']} ({r.get('steps_done')}/{r.get('max_steps')})",
-                       torch.cat([B._read_panels(imgs[v])[0] for v in vs], 1)))
+                       torch.cat([read_panels(imgs[v])[0] for v in vs], 1)))
     if gt is not None and rows:
         size = strips[0][1].shape[0]
         g, _ = gt.get(scene, "test", size)
@@ -789,22 +787,16 @@ def write_curves(path: str, results: List[Dict]) -> None:
 def _write_curves(path: str, results: List[Dict]) -> None:
     fig = _figure((10, 3.6))
     a1, a2 = fig.subplots(1, 2)
-    for r in sorted(results, key=lambda r: r["config"]):
-        curve = r.get("curve") or []
-        if not curve:
-            continue
-        steps, vals = [c[0] for c in curve], [c[1] for c in curve]
-        a1.plot(steps, vals, label=r["config"], marker=".")
-        if r.get("unet_samples") and r.get("steps_done"):
-            per = r["unet_samples"] / r["steps_done"]
-            a2.plot([s * per for s in steps], vals, label=r["config"], marker=".")
-    a1.set_xlabel("step")
-    a2.set_xlabel("UNet samples")
-    a2.set_xscale("symlog")
-    for a in (a1, a2):
-        a.set_ylabel("validation PSNR, dB")
-        a.grid(alpha=0.3)
-    a1.legend(fontsize=6)
+
+    def curves():
+        for r in sorted(results, key=lambda r: r["config"]):
+            curve = r.get("curve") or []
+            if not curve:
+                continue
+            per = r["unet_samples"] / r["steps_done"] if r.get("unet_samples") and r.get("steps_done") else None
+            yield r["config"], [c[0] for c in curve], [c[1] for c in curve], per
+
+    plot_psnr_curves(a1, a2, curves(), "validation PSNR, dB", marker=".")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -22,7 +22,6 @@ killed at the wall budget keeps what it measured:
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
@@ -37,15 +36,6 @@ UNTIL_ENV = "SCOREDISTILL_GT3D_TRAIN_UNTIL"
 WINDOW_ENV = "SCOREDISTILL_GT3D_TRAIN_SECONDS"
 
 
-def _vm_hwm_bytes():
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
 def gaussian_count(pl_module):
     """Number of Gaussians of a gsplat geometry (``geometry.params["means"]``), else ``None``."""
     params = getattr(getattr(pl_module, "geometry", None), "params", None)
@@ -58,6 +48,8 @@ def gaussian_count(pl_module):
 def make_callback(out_path: str, every: int, until: float = None, window: float = None):
     import pytorch_lightning as pl
     import torch
+
+    from scoredistill.bench.launch_probe import peak_memory  # the probes' one record of peak memory
 
     class RunProbe(pl.Callback):
         def __init__(self):
@@ -84,13 +76,8 @@ def make_callback(out_path: str, every: int, until: float = None, window: float 
                 torch.cuda.synchronize()
 
         def write(self, trainer, pl_module):
-            cuda = self._cuda()
-            self.rec.update({
-                "global_step": int(trainer.global_step), "max_steps": int(trainer.max_steps),
-                "device": torch.cuda.get_device_name() if cuda else "cpu",
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-                "peak_rss_bytes": _vm_hwm_bytes(), "t_last": time.time()})
+            self.rec.update({"global_step": int(trainer.global_step), "max_steps": int(trainer.max_steps),
+                             **peak_memory(), "t_last": time.time()})
             from scoredistill.atomic_io import atomic_write_json
 
             atomic_write_json(out_path, self.rec, indent=None, sort_keys=False)

@@ -53,6 +53,20 @@ def _vm_hwm_bytes():
         return None
 
 
+def peak_memory() -> dict:
+    """The process' peak memory so far, as both probes record it: ``device`` (the CUDA device's name, or ``cpu``),
+    ``peak_allocated_bytes`` / ``peak_reserved_bytes`` (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``
+    over the whole process; ``None`` without an initialised CUDA) and ``peak_rss_bytes`` (CPU: peak resident set,
+    ``VmHWM``)."""
+    import torch
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu",
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "peak_rss_bytes": _vm_hwm_bytes()}
+
+
 class _EventParts:
     """CUDA-event timing of parts of one step (forward hooks on modules, wrapped functions); read after a sync."""
 
@@ -306,14 +320,10 @@ def make_probe_callback(out_path: str, stop_after: int, profile: bool = False):
                 trainer.should_stop = True
 
         def write(self, trainer):
-            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
             rec = {
                 "step_seconds": self.times,
                 "max_steps": int(trainer.max_steps),
-                "device": torch.cuda.get_device_name() if cuda else "cpu",
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
-                "peak_rss_bytes": _vm_hwm_bytes(),
+                **peak_memory(),
                 "plain_steps": [i for i in range(len(self.times)) if self._kind(i) is None],
                 **self.extra,
             }

@@ -11,7 +11,7 @@ Gaussian configs on the CPU, and writes what a real run writes, plus a page to o
 2. **distil**: ``launch.py --config configs/<method>.yaml --train`` on the CPU (:mod:`.cpu_launch`: threestudio's
    CUDA device and GPU trainer redirected to the CPU; stand-ins for CUDA-only imports), 32² training renders,
    1000 Gaussians from threestudio's sphere init, the benchmark's camera setting and learning rates
-   (``gt3d_bench.launch_overrides``); test views rendered at ``--video-size``.
+   (``gt3d_runs.launch_overrides``); test views rendered at ``--video-size``.
 3. **export**: the run's test video and Gaussians PLY (gsplat-ply-exporter), a textured mesh (OBJ + GLB) from the
    PLY (:func:`scoredistill.exporter.gaussian_mesh.export_ply_to_mesh`), the PSNR of the test views against the
    scene's true renders, and ``index.html`` showing them.
@@ -38,7 +38,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # .../custom
-#: the pack's Gaussian configs the demo can run (gt3d_bench's Gaussian rows)
+#: the pack's Gaussian configs the demo can run (the ground-truth benchmark's Gaussian rows, gt3d_runs.ROWS)
 METHODS = ("vdm-gs", "gs-sds", "lods-embedding-gs", "uds-gs", "ge3d-gs")
 SCENES = ("cube", "janus", "table")
 #: threestudio commit the pack is tested against (a clone of it works as --threestudio)
@@ -155,22 +155,22 @@ def import_threestudio(root: str):
 def _cameras(dataset_split: str, n: int, size: int, seed: int = 0):
     """threestudio's own cameras with the benchmark's ``eval`` camera setting (threestudio already imported):
     ``"train"`` (``n`` random views of ``RandomCameraIterableDataset``), ``"test"`` (its test views)."""
-    from ..bench import gt3d_bench
+    from ..bench import gt3d_cameras
 
     if dataset_split == "train":
-        return gt3d_bench.sample_training_cameras(n, "eval", seed, size)
-    return gt3d_bench.eval_cameras("test", n, "eval", size)
+        return gt3d_cameras.sample_training_cameras(n, "eval", seed, size)
+    return gt3d_cameras.eval_cameras("test", n, "eval", size)
 
 
 def build_prior(folder: str, scene: str, views: int, seed: int = 1234) -> Dict[str, float]:
-    """The ground-truth prior of one scene from ``views`` training renders (as ``gt3d_bench.build_scene_prior``)."""
-    from ..bench import gt3d_bench, gt_scenes
+    """The ground-truth prior of one scene from ``views`` training renders (as ``gt3d_prior.build_scene_prior``)."""
+    from ..bench import gt_scenes
+    from ..bench.gt3d_cameras import RENDER_SIZE
     from ..testing import gt_prior3d as gp
 
     vae = gp.GroundTruthVAE()
-    cams = _cameras("train", views, gt3d_bench.RENDER_SIZE, seed)
-    rgb, _ = gt_scenes.render_gaussians(gt3d_bench.scene_params(scene), cams["c2w"], cams["fovy"],
-                                        gt3d_bench.RENDER_SIZE)
+    cams = _cameras("train", views, RENDER_SIZE, seed)
+    rgb, _ = gt_scenes.render_gaussians(gt_scenes.scene_params(scene), cams["c2w"], cams["fovy"], RENDER_SIZE)
     gp.build_gt_prior(folder, [gt_scenes.PROMPTS[scene]], gp.encode_renders(vae, rgb), [0] * views,
                       cams["elevation"].tolist(), cams["azimuth"].tolist(), component_std=0.05)
     return {"vae_psnr": float(gp.vae_reconstruction_psnr(vae, rgb)), "renders": views, "prompt": gt_scenes.PROMPTS[scene]}
@@ -178,14 +178,15 @@ def build_prior(folder: str, scene: str, views: int, seed: int = 1234) -> Dict[s
 
 def launch_command(a, prior: str, exp_root: str) -> List[str]:
     """``python -m scoredistill.demo.cpu_launch launch.py --config ... --train --gpu 0 <overrides>``."""
-    from ..bench import gt3d_bench
+    from ..bench import gt3d_runs
+    from ..paths import CONFIGS
 
-    row = gt3d_bench.ROW_BY_NAME["gs-sds (CFG 7.5)" if a.method == "gs-sds" else a.method]
-    overrides = gt3d_bench.launch_overrides(row, a.scene, a.seed, prior, a.steps, "eval", a.lr_scale, exp_root,
-                                            val_every=a.steps, n_test_views=a.test_views)
+    row = gt3d_runs.ROW_BY_NAME["gs-sds (CFG 7.5)" if a.method == "gs-sds" else a.method]
+    overrides = gt3d_runs.launch_overrides(row, a.scene, a.seed, prior, a.steps, "eval", a.lr_scale, exp_root,
+                                           val_every=a.steps, n_test_views=a.test_views)
     overrides += [f"data.eval_width={a.video_size}", f"data.eval_height={a.video_size}", "data.n_val_views=1",
                   "trainer.num_sanity_val_steps=0"]
-    config = os.path.join(gt3d_bench.CONFIGS, row.config)
+    config = os.path.join(CONFIGS, row.config)
     return [sys.executable, "-m", "scoredistill.demo.cpu_launch", "launch.py", "--config", config, "--train",
             "--gpu", "0"] + overrides
 
@@ -243,20 +244,22 @@ def test_psnr(trial: str, scene: str, size: int, n_views: int) -> Dict[str, floa
     import torch
     from PIL import Image
 
-    from ..bench import gt3d_bench, gt_scenes
+    from ..bench import gt_scenes
+    from ..bench.gt3d_cameras import RENDER_SIZE
+    from ..bench.gt3d_scoring import psnr
 
     tests = [d for d in glob.glob(os.path.join(trial, "save", "it*-test")) if os.path.isdir(d)]
     folder = max(tests, key=lambda d: int(os.path.basename(d)[2:-5]))
     files = sorted(glob.glob(os.path.join(folder, "*.png")), key=lambda f: int(os.path.basename(f)[:-4]))
     rgb = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)[:, :size] / 255.0)
                        for f in files])
-    r = gt3d_bench.RENDER_SIZE
+    r = RENDER_SIZE
     if size != r:
         rgb = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2), size=(r, r), mode="area").permute(0, 2, 3, 1)
     cams = _cameras("test", n_views, r)
     idx = list(range(0, min(len(rgb), len(cams["c2w"])), 3))  # every third view: the true renders cost CPU time
-    gt, _ = gt_scenes.render_gaussians(gt3d_bench.scene_params(scene), cams["c2w"][idx], cams["fovy"][idx], r)
-    return {"psnr": gt3d_bench.psnr(rgb[idx], gt.float()), "views": len(idx), "test_folder": folder}
+    gt, _ = gt_scenes.render_gaussians(gt_scenes.scene_params(scene), cams["c2w"][idx], cams["fovy"][idx], r)
+    return {"psnr": psnr(rgb[idx], gt.float()), "views": len(idx), "test_folder": folder}
 
 
 _PAGE = """<!DOCTYPE html><html><head><meta charset='utf-8'><title>scoredistill demo</title><style>
@@ -396,10 +399,10 @@ def run_demo(a, log=print) -> Dict:
                         key=lambda f: int(os.path.basename(f)[:-4]))
         for f in images:
             shutil.copyfile(f, os.path.join(test_dir, os.path.basename(f)))
-        from ..bench import gt3d_bench
+        from ..bench.gt3d_runs import ROW_BY_NAME
 
         info = {"method": a.method, "scene": a.scene, "steps": a.steps, "prompt": prior["prompt"],
-                "config": gt3d_bench.ROW_BY_NAME["gs-sds (CFG 7.5)" if a.method == "gs-sds" else a.method].config,
+                "config": ROW_BY_NAME["gs-sds (CFG 7.5)" if a.method == "gs-sds" else a.method].config,
                 "trial": os.path.relpath(trial, out), "psnr": score["psnr"], "views": score["views"],
                 "faces": int(mesh.stats["faces"]), "vertices": int(mesh.stats["vertices"]),
                 "t_prior": t_prior, "t_launch": t_launch, "t_mesh": t_mesh, "total": time.time() - t_start,

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scoredistill.atomic_io import atomic_write_bytes as _atomic_write_bytes
-from scoredistill.geometry.gaussians import SH_C0, sh_degree_from_bases
+from scoredistill.geometry.spherical_harmonics import SH_C0, sh_degree_from_bases
 from scoredistill.settings import check_range, in_range, is_number
 
 COLOR_MODES = ("dc", "normal_sh")
@@ -1135,7 +1135,7 @@ def export_ply_to_mesh(ply_path: str, out_dir: str, name: str = "model", device:
     ``settings``: :class:`MeshSettings` fields (``resolution``, ``isosurface_threshold``, ``formats``, ...).
     Errors about the Gaussians name ``ply_path``.
     """
-    from scoredistill.geometry.gaussians import load_gaussians_ply
+    from scoredistill.geometry.gaussian_ply import load_gaussians_ply
 
     s = MeshSettings.from_dict(settings)
     if not name or "/" in name or os.sep in name or name.startswith("."):
@@ -1171,7 +1171,7 @@ def mesh_chamfer_distance(mesh, reference, n_samples: int = 100_000, seed: int =
     and ``"chamfer_rel"`` = chamfer / size."""
     import trimesh
 
-    from scoredistill.geometry.gaussians import sample_mesh_surface
+    from scoredistill.geometry.gaussian_init import sample_mesh_surface
 
     def points_of(m):
         if isinstance(m, str):

@@ -17,7 +17,7 @@ from typing import List
 from threestudio.models.exporters.base import Exporter, ExporterOutput
 
 from scoredistill._registry import register
-from scoredistill.geometry.gaussians import save_gaussians_ply
+from scoredistill.geometry.gaussian_ply import save_gaussians_ply
 from scoredistill.settings import parse_settings
 
 

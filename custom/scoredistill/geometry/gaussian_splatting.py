@@ -1,7 +1,8 @@
-"""threestudio geometry ``gsplat-gaussian-splatting``: a set of 3D Gaussians (adapter over ``gaussians.py``).
+"""threestudio geometry ``gsplat-gaussian-splatting``: a set of 3D Gaussians (adapter over
+``gaussian_params.py``, ``spherical_harmonics.py``, ``gaussian_ply.py``, ``gaussian_init.py``).
 
 The parameters live in ``self.params`` (an ``nn.ParameterDict`` with gsplat's keys ``means, scales, quats,
-opacities, sh0, shN``; see :mod:`scoredistill.geometry.gaussians`) and are also reachable as attributes
+opacities, sh0, shN``; see :mod:`scoredistill.geometry.gaussian_params`) and are also reachable as attributes
 ``geometry.means`` etc., so threestudio's optimizer config can name them (``geometry.means``).
 The number of Gaussians changes during densification; loading a state dict resizes the parameters to the
 stored shapes (checkpoints of densified models load into a freshly initialised geometry).
@@ -19,7 +20,7 @@ import threestudio
 from threestudio.models.geometry.base import BaseGeometry
 
 from scoredistill._registry import register
-from scoredistill.geometry import gaussians as G
+from scoredistill.geometry import gaussian_init, gaussian_params, gaussian_ply, spherical_harmonics
 from scoredistill.settings import INF, check_range, in_range, parse_settings
 
 INIT_METHODS = ("sphere", "box", "point_cloud", "mesh", "shap_e", "ply", "empty")
@@ -92,7 +93,7 @@ class GsplatGaussianSplatting(BaseGeometry):
     def _initial_params(self) -> Dict[str, torch.Tensor]:
         c = self.cfg
         gen = torch.Generator().manual_seed(c.seed)
-        k = G.num_sh_bases(c.sh_degree)
+        k = spherical_harmonics.num_sh_bases(c.sh_degree)
         if c.init == "empty":
             return {
                 "means": torch.zeros(0, 3), "scales": torch.zeros(0, 3), "quats": torch.zeros(0, 4),
@@ -100,38 +101,38 @@ class GsplatGaussianSplatting(BaseGeometry):
             }
         prefix = getattr(self, "_setting_prefix", "system.geometry")
         if c.init == "ply":
-            loaded = G.load_gaussians_ply(
+            loaded = gaussian_ply.load_gaussians_ply(
                 c.init_path, sh_degree=c.sh_degree, drop_sh_bands=c.drop_sh_bands,
                 setting=f"{prefix}.init_path", sh_setting=f"{prefix}.sh_degree",
             )
-            self._file_sh_degree = min(G.ply_sh_degree(c.init_path), int(c.sh_degree))
+            self._file_sh_degree = min(gaussian_ply.ply_sh_degree(c.init_path), int(c.sh_degree))
             return loaded
         colors = None
         if c.init == "sphere":
-            points = G.sample_sphere(c.num_points, c.init_radius, surface=c.init_sphere_surface, generator=gen)
+            points = gaussian_init.sample_sphere(c.num_points, c.init_radius, surface=c.init_sphere_surface, generator=gen)
         elif c.init == "box":
-            points = G.sample_box(c.num_points, c.init_radius, generator=gen)
+            points = gaussian_init.sample_box(c.num_points, c.init_radius, generator=gen)
         elif c.init == "point_cloud":
-            points, colors = G.load_point_cloud(c.init_path, setting=f"{prefix}.init_path")
+            points, colors = gaussian_init.load_point_cloud(c.init_path, setting=f"{prefix}.init_path")
         elif c.init == "mesh":
-            verts, faces, vcol = G.load_mesh(c.init_path)
-            points, colors = G.sample_mesh_surface(verts, faces, c.num_points, vcol, generator=gen)
+            verts, faces, vcol = gaussian_init.load_mesh(c.init_path)
+            points, colors = gaussian_init.sample_mesh_surface(verts, faces, c.num_points, vcol, generator=gen)
         else:  # shap_e
-            verts, faces, channels = G.run_shap_e(
+            verts, faces, channels = gaussian_init.run_shap_e(
                 c.shap_e_prompt, c.shap_e_model, c.shap_e_guidance_scale, c.shap_e_num_inference_steps,
                 c.shap_e_frame_size, device=str(self.device), seed=c.seed,
             )
-            points, colors = G.shap_e_mesh_to_points(verts, faces, channels, c.num_points, generator=gen)
+            points, colors = gaussian_init.shap_e_mesh_to_points(verts, faces, channels, c.num_points, generator=gen)
         if c.init in ("point_cloud", "mesh", "shap_e"):
-            points = G.apply_init_transform(points, c.init_scale_factor, c.init_rotation_deg_z, c.init_swap_yz, c.init_offset)
+            points = gaussian_init.apply_init_transform(points, c.init_scale_factor, c.init_rotation_deg_z, c.init_swap_yz, c.init_offset)
         if colors is None:
             if c.init_color is not None:
                 colors = torch.tensor(c.init_color, dtype=torch.float32).expand(points.shape[0], 3).clone()
             else:
                 colors = torch.rand(points.shape[0], 3, generator=gen)
         if c.upsample_to > 0:
-            points, colors = G.upsample_points(points, colors, c.upsample_to, c.upsample_jitter, c.upsample_color_jitter, generator=gen)
-        return G.params_from_points(points, colors, c.sh_degree, c.init_opacity, c.init_scale)
+            points, colors = gaussian_init.upsample_points(points, colors, c.upsample_to, c.upsample_jitter, c.upsample_color_jitter, generator=gen)
+        return gaussian_init.params_from_points(points, colors, c.sh_degree, c.init_opacity, c.init_scale)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -163,17 +164,17 @@ class GsplatGaussianSplatting(BaseGeometry):
         return int(self.params["means"].shape[0])
 
     def activated(self) -> Dict[str, torch.Tensor]:
-        """``means, scales (>0), quats (unit), opacities (0..1), colors [N, K, 3]`` (see gaussians.activated)."""
-        return G.activated(dict(self.params.items()))
+        """``means, scales (>0), quats (unit), opacities (0..1), colors [N, K, 3]`` (see gaussian_params.activated)."""
+        return gaussian_params.activated(dict(self.params.items()))
 
     def export_params(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.params.items()}
 
     def save_ply(self, path: str) -> str:
-        return G.save_gaussians_ply(path, dict(self.params.items()))
+        return gaussian_ply.save_gaussians_ply(path, dict(self.params.items()))
 
     def load_ply(self, path: str) -> None:
-        loaded = G.load_gaussians_ply(
+        loaded = gaussian_ply.load_gaussians_ply(
             path, sh_degree=self.max_sh_degree, drop_sh_bands=self.cfg.drop_sh_bands, sh_setting="system.geometry.sh_degree"
         )
         dev = self.params["means"].device
@@ -184,7 +185,7 @@ class GsplatGaussianSplatting(BaseGeometry):
         return {"gaussians": self.export_params()}
 
     def update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):
-        scheduled = G.active_sh_degree_at(global_step, self.max_sh_degree, self.cfg.sh_degree_interval)
+        scheduled = spherical_harmonics.active_sh_degree_at(global_step, self.max_sh_degree, self.cfg.sh_degree_interval)
         self.active_sh_degree = max(scheduled, int(getattr(self, "min_active_sh_degree", 0)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -39,7 +39,8 @@ from scoredistill import distributed
 from scoredistill._registry import register
 from scoredistill.sync import log_host
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
-from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
+from scoredistill.geometry.gaussian_params import PARAM_KEYS
+from scoredistill.geometry.gaussian_ply import save_gaussians_ply
 from scoredistill.settings import check_range
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
 from scoredistill.guidance.checkpointing import attach_resume_check
@@ -84,7 +85,7 @@ class GsplatSystem(BaseLift3DSystem):
                 and self.cfg.geometry.get("init_path")
                 and os.path.isfile(str(self.cfg.geometry.get("init_path")))
             ):
-                from scoredistill.geometry.gaussians import ply_sh_degree
+                from scoredistill.geometry.gaussian_ply import ply_sh_degree
 
                 file_degree = ply_sh_degree(str(self.cfg.geometry["init_path"]), "system.geometry.init_path")
                 self.cfg.geometry["initial_active_sh_degree"] = min(file_degree, int(self.cfg.geometry.get("sh_degree", 0)))
