@@ -11,7 +11,7 @@ import re
 import pytest
 
 PACK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custom", "scoredistill")
-RUNTIME = ("guidance", "core", "geometry", "renderer", "system", "exporter", "distributed", "validation", "atomic_io",
+RUNTIME = ("guidance", "integrity", "core", "geometry", "renderer", "system", "exporter", "distributed", "validation", "atomic_io",
            "_registry", "__init__", "paths")
 TOOLING = ("bench", "suite", "testing", "demo", "cli")
 

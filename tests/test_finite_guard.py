@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import one_thread_fixture
-from scoredistill.guidance.finite import FiniteStepGuard, NonFiniteStepError, install_finite_guard
+from scoredistill.integrity.finite import FiniteStepGuard, NonFiniteStepError, install_finite_guard
 from scoredistill.guidance.lods import LODSLearner
 from scoredistill.guidance.vdm import VariationalDistributionMapping, build_degradation_model
 from scoredistill.testing.exact_score_prior import ExactScorePrior
@@ -246,7 +246,7 @@ def test_install_is_idempotent_and_validates_the_setting():
 
 
 def test_the_internal_optimizers_rule_is_the_guards():
-    from scoredistill.guidance.finite import step_is_finite
+    from scoredistill.integrity.finite import step_is_finite
 
     one = torch.tensor(1.0)
     assert step_is_finite(one, [torch.ones(3), None])

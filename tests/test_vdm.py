@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from harness import one_thread_fixture
 from scoredistill.core.diffusion import grad_to_loss
-from scoredistill.guidance.checkpointing import CHECKPOINT_KEY, CheckpointedGuidanceMixin
+from scoredistill.integrity.checkpointing import CHECKPOINT_KEY, CheckpointedGuidanceMixin
 from scoredistill.guidance.vdm import (
     DegradationModel,
     LinearOperator,

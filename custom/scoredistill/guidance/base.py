@@ -44,11 +44,11 @@ from ..core.diffusion import (
     sample_timesteps,
     step_range,
 )
-from .checkpointing import CheckpointedGuidanceMixin
+from ..integrity.checkpointing import CheckpointedGuidanceMixin
 from .memory import load_models as load_memory_options_models
 from .memory import validate_memory_options
-from .checkpointing import CheckpointedGuidanceMixin, attach_resume_check, find_calling_lightning_module
-from .finite import clone_state, get_finite_guard, install_finite_guard, validate_max_nonfinite_skips
+from ..integrity.checkpointing import CheckpointedGuidanceMixin, attach_resume_check, find_calling_lightning_module
+from ..integrity.finite import clone_state, get_finite_guard, install_finite_guard, validate_max_nonfinite_skips
 
 
 def _C(value: Any, epoch: int, global_step: int) -> float:

@@ -40,8 +40,8 @@ from threestudio.utils.misc import config_to_primitive
 from .._registry import register
 from ..distributed import broadcast_
 from .base import CheckpointedScoreDistillationGuidance
-from .checkpointing import CHECKPOINT_KEY
-from .finite import clone_state
+from ..integrity.checkpointing import CHECKPOINT_KEY
+from ..integrity.finite import clone_state
 from .lods import (
     DEFAULT_AUX_STEP_PERCENT,
     DEFAULT_GUIDANCE_SCALE,

@@ -41,8 +41,8 @@ from scoredistill.core.sync import log_host
 from scoredistill.geometry.densify import GaussianDensifier, group_views, scheduled_lr
 from scoredistill.geometry.gaussians import PARAM_KEYS, save_gaussians_ply
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
-from scoredistill.guidance.checkpointing import attach_resume_check
-from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, get_finite_guard, install_finite_guard
+from scoredistill.integrity.checkpointing import attach_resume_check
+from scoredistill.integrity.finite import DEFAULT_MAX_NONFINITE_SKIPS, get_finite_guard, install_finite_guard
 
 #: learning rates of the reference 3DGS implementation (position lr before scene-extent scaling)
 DEFAULT_LRS = {

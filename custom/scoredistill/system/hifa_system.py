@@ -49,8 +49,8 @@ from threestudio.utils.ops import binary_cross_entropy, dot
 from .._registry import register
 from ..core.sync import log_host
 from ..validation import defer_config_snapshot, validate_system_settings
-from ..guidance.checkpointing import attach_resume_check
-from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
+from ..integrity.checkpointing import attach_resume_check
+from ..integrity.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
 from ..core.hifa import (
     ANNEALING_SCHEDULES,
     DISPARITY_LOSSES,

@@ -40,8 +40,8 @@ from threestudio.systems.dreamfusion import DreamFusion
 from threestudio.utils.base import Updateable
 
 from scoredistill._registry import register
-from scoredistill.guidance.checkpointing import attach_resume_check
-from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
+from scoredistill.integrity.checkpointing import attach_resume_check
+from scoredistill.integrity.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
 from scoredistill.system.gsplat_system import GsplatSystem
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
 
