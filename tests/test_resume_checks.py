@@ -41,7 +41,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_and_never_executed(tmp_pa
 
 
 def test_the_running_resume_path_uses_weights_only(tmp_path):
-    from scoredistill.integrity.checkpointing import CheckpointedGuidanceMixin
+    from scoredistill.integrity import CheckpointedGuidanceMixin
 
     marker = tmp_path / "executed"
     path = tmp_path / "crafted.ckpt"
