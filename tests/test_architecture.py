@@ -11,8 +11,8 @@ import re
 import pytest
 
 PACK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "custom", "scoredistill")
-RUNTIME = ("guidance", "maths", "sync", "geometry", "renderer", "system", "exporter", "distributed", "validation",
-           "settings", "atomic_io", "_registry", "__init__", "paths")
+RUNTIME = ("guidance", "maths", "integrity", "sync", "geometry", "renderer", "system", "exporter", "distributed",
+           "validation", "settings", "atomic_io", "_registry", "__init__", "paths")
 TOOLING = ("bench", "suite", "testing", "demo", "cli")
 
 
@@ -80,6 +80,16 @@ def test_no_pack_file_reaches_into_the_test_suite():
                 if pattern.search(open(p).read()):
                     hits.add(os.path.relpath(p, PACK).replace(os.sep, "/"))
     assert hits == set()
+
+
+def test_guidances_and_run_integrity_find_no_system_through_the_call_stack():
+    """Run integrity is attached by explicit relations (scoredistill.integrity): the system calls it, or the
+    guidance attaches to the module holding it; no frame of a caller is read (guidance/base.py and
+    checkpointing.py walked the frames for ``self`` before)."""
+    pattern = re.compile(r"currentframe|_getframe|\bf_back\b|f_locals")
+    hits = {os.path.relpath(f, PACK): sorted(set(pattern.findall(open(f).read())))
+            for part in ("guidance", "integrity") for f in _files(part)}
+    assert {k: v for k, v in hits.items() if v} == {}
 
 
 def test_the_launch_wrapper_imports_exactly_the_pack_modules_a_model_folder_names(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import one_thread_fixture
-from scoredistill.guidance.finite import FiniteStepGuard, NonFiniteStepError, install_finite_guard
+from scoredistill.integrity import FiniteStepGuard, NonFiniteStepError, install_finite_guard
 from scoredistill.maths.lods import LODSLearner
 from scoredistill.maths.vdm import VariationalDistributionMapping, build_degradation_model
 from scoredistill.testing.exact_score_prior import ExactScorePrior
@@ -174,10 +174,12 @@ CASES = {
 @pytest.mark.threestudio
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pack_guidance_in_a_lightning_system_never_applies_a_nonfinite_step(threestudio_module, tiny_sd, tmp_path, case, caplog):
-    """A dreamfusion-style system (guidance built in on_fit_start): every step is non-finite, each is skipped
-    and the 3rd stops the run; the image, its Adam state and the guidance's own state were never touched."""
+    """A dreamfusion-style system (guidance built in on_fit_start, update steps from on_train_batch_start, no call
+    of the pack's): every step is non-finite, each is skipped and the 3rd stops the run; the image, its Adam
+    state and the guidance's own state were never touched."""
     guidance_type, extra, nan_render, reasons = CASES[case]
     import pytorch_lightning as pl
+    from threestudio.utils.base import Updateable
 
     from harness import make_prompt_utils, tiny_guidance_config
 
@@ -185,13 +187,16 @@ def test_pack_guidance_in_a_lightning_system_never_applies_a_nonfinite_step(thre
     prompt_utils = make_prompt_utils(threestudio, tiny_sd, str(tmp_path))
     cfg = tiny_guidance_config(tiny_sd, 32, max_nonfinite_skips=3, **extra)
 
-    class System(pl.LightningModule):
+    class System(pl.LightningModule, Updateable):
         def __init__(self):
             super().__init__()
             self.image = torch.nn.Parameter(torch.zeros(1, 32, 32, 3))
 
         def on_fit_start(self):
             self.guidance = threestudio.find(guidance_type)(cfg)
+
+        def on_train_batch_start(self, batch, batch_idx):  # what threestudio's BaseSystem does
+            self.do_update_step(self.current_epoch, self.global_step)
 
         def training_step(self, batch, idx):
             z = torch.zeros(1)
@@ -246,7 +251,7 @@ def test_install_is_idempotent_and_validates_the_setting():
 
 
 def test_the_internal_optimizers_rule_is_the_guards():
-    from scoredistill.guidance.finite import step_is_finite
+    from scoredistill.integrity.finite import step_is_finite
 
     one = torch.tensor(1.0)
     assert step_is_finite(one, [torch.ones(3), None])

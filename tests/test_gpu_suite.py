@@ -114,7 +114,7 @@ def test_speed_and_parity_sections_in_tiny_mode(tmp_path, tiny_sd):
     # wait for a GPU; the sites carry full paths
     sites = row["syncs"]["sites"]
     assert row["syncs"]["count"] == 3 and set(sites.values()) == {1}, row["syncs"]
-    import scoredistill.guidance.finite as finite_module
+    import scoredistill.integrity.finite as finite_module
 
     with open(finite_module.__file__) as f:  # the guard's decision line, wherever edits move it
         guard = next(i for i, line in enumerate(f, 1) if "the one host sync of all checks" in line)

@@ -202,7 +202,7 @@ NERF_CPU = nerf_cpu_overrides(tiny_mlp=True)
 
 
 def _ckpt(trial):
-    from scoredistill.guidance.checkpointing import CHECKPOINT_KEY
+    from scoredistill.integrity.checkpointing import CHECKPOINT_KEY
 
     ckpt = torch.load(os.path.join(trial, "ckpts", "last.ckpt"), map_location="cpu", weights_only=True)
     assert not any(k.startswith("guidance") or ".unet." in k or "vae" in k for k in ckpt["state_dict"])

@@ -354,7 +354,7 @@ def test_mesh_cli_refuses_an_extreme_ply_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------ resume: finite parameters
 def test_resume_refuses_a_checkpoint_with_nan_parameters_naming_the_tensor():
     # before: accepted; every step was skipped, the run exited 0 and wrote a PLY of NaNs
-    from scoredistill.guidance.checkpointing import CHECKPOINT_KEY, check_resume_compatible
+    from scoredistill.integrity.checkpointing import CHECKPOINT_KEY, check_resume_compatible
 
     class S:
         cfg = {}

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from scoredistill.guidance.checkpointing import (
+from scoredistill.integrity.checkpointing import (
     CHECKPOINT_KEY,
     RUN_KEY,
     check_resume_compatible,
@@ -41,7 +41,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_and_never_executed(tmp_pa
 
 
 def test_the_running_resume_path_uses_weights_only(tmp_path):
-    from scoredistill.guidance.checkpointing import CheckpointedGuidanceMixin
+    from scoredistill.integrity import CheckpointedGuidanceMixin
 
     marker = tmp_path / "executed"
     path = tmp_path / "crafted.ckpt"

@@ -54,7 +54,7 @@ def _params_and_state(opt, p):
 def test_step_if_finite_is_the_optimizer_step_or_nothing(cls):
     """The device-side decision: a taken step equals ``optimizer.step()`` bit for bit; a skipped one leaves the
     parameter, the moments and the step count bit-identical (first step: host decision)."""
-    from scoredistill.guidance.finite import finite_ok, step_if_finite
+    from scoredistill.integrity.finite import finite_ok, step_if_finite
 
     kw = {"momentum": 0.9} if cls is torch.optim.SGD else {}
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from harness import one_thread_fixture
 from scoredistill.maths.diffusion import grad_to_loss
-from scoredistill.guidance.checkpointing import CHECKPOINT_KEY, CheckpointedGuidanceMixin
+from scoredistill.integrity import CHECKPOINT_KEY, CheckpointedGuidanceMixin
 from scoredistill.maths.vdm import (
     DegradationModel,
     LinearOperator,
@@ -300,11 +300,11 @@ def _toy_system_class(build_in_init: bool):
             super().__init__()
             self.lin = nn.Linear(2, 1)
             if build_in_init:  # like a system building its guidance in configure()
-                self.guidance = _ToyGuidance()
+                self.guidance = _ToyGuidance(self)  # the system passes itself down (no call-stack search)
 
         def on_fit_start(self):  # like threestudio's dreamfusion-system
             if not build_in_init:
-                self.guidance = _ToyGuidance()
+                self.guidance = _ToyGuidance(self)
 
         def training_step(self, batch, batch_idx):
             x = batch[0]

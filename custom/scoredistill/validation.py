@@ -132,28 +132,25 @@ def check_prompt_token_length(parsed: Any, prefix: str = "system.prompt_processo
 def _check_finite_tree(value: Any, name: str) -> None:
     from omegaconf import OmegaConf
 
+    from scoredistill.integrity.checkpointing import named_leaves
+
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, str):
-        try:  # "nan" / "inf" from a dotlist override stay strings in untyped config dicts
-            number = float(value)
-        except ValueError:
-            return
+    for path, leaf in named_leaves(value, name, dotted=True):
+        if OmegaConf.is_config(leaf):
+            _check_finite_tree(leaf, path)
+            continue
+        if isinstance(leaf, str):
+            try:  # "nan" / "inf" from a dotlist override stay strings in untyped config dicts
+                number = float(leaf)
+            except ValueError:
+                continue
+        elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            number = leaf
+        else:
+            continue
         if not math.isfinite(number):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        return
-    if isinstance(value, bool) or value is None:
-        return
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_finite_tree(v, f"{name}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_finite_tree(v, f"{name}[{i}]")
+            raise ValueError(f"{path} must be a finite number, got {leaf!r}")
 
 
 def validate_system_settings(system, guidance_cfg: Any = None) -> None:

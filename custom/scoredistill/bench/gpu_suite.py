@@ -376,7 +376,7 @@ def section_parity(tiny: bool) -> Dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..guidance import memory
-    from ..guidance.finite import finite_ok, make_capturable, step_if_finite
+    from ..integrity.finite import finite_ok, make_capturable, step_if_finite
 
     dev = "cpu" if tiny else "cuda"
     from ..testing.tiny_models import build_tiny_stable_diffusion

@@ -17,14 +17,17 @@ everything the pack's guidances share, once:
   reparameterisation, :func:`scoredistill.maths.diffusion.grad_to_loss`), ``grad_norm`` and the subclass's logs.
 
 :class:`CheckpointedScoreDistillationGuidance` adds a guidance's own trainable state to the system's Lightning
-checkpoints (:mod:`scoredistill.guidance.checkpointing`; used by ``lods-guidance`` and ``vdm-guidance``).
+checkpoints (:mod:`scoredistill.integrity.checkpointing`; used by ``lods-guidance`` and ``vdm-guidance``).
+
+Both take part in run integrity (:mod:`scoredistill.integrity`): the system they run in passes itself down
+(:meth:`ScoreDistillationGuidance.attach_run_integrity`), or, when it made no call (threestudio's own
+systems), the guidance attaches to the LightningModule holding it at its first :meth:`do_update_step`.
 
 They register no name themselves; subclasses register with ``scoredistill._registry.register``.
 See ``docs/guidance-base.md``.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -44,12 +47,18 @@ from ..maths.diffusion import (
     sample_timesteps,
     step_range,
 )
-from .checkpointing import CheckpointedGuidanceMixin
+from ..integrity import (
+    CheckpointedGuidanceMixin,
+    RunIntegrity,
+    attach_run_integrity,
+    clone_state,
+    get_finite_guard,
+    lightning_module_holding,
+    validate_max_nonfinite_skips,
+)
 from .memory import load_models as load_memory_options_models
 from ..settings import check_range, in_range
 from .memory import validate_memory_options
-from .checkpointing import CheckpointedGuidanceMixin, attach_resume_check, find_calling_lightning_module
-from .finite import clone_state, get_finite_guard, install_finite_guard, validate_max_nonfinite_skips
 
 
 def _C(value: Any, epoch: int, global_step: int) -> float:
@@ -196,29 +205,23 @@ class ScoreDistillationGuidance(BaseObject):
                 raise ValueError(f"grad_clip must be > 0 (or null to disable), got {clip_vals}")
         validate_max_nonfinite_skips(cfg.max_nonfinite_skips, "system.guidance.max_nonfinite_skips", allow_none=True)
 
-    def __init__(self, cfg: Optional[Any] = None, *args, **kwargs) -> None:
-        super().__init__(cfg, *args, **kwargs)  # BaseObject: parse the config, configure()
-        self.attach_finite_guard(find_calling_lightning_module(_frame=inspect.currentframe().f_back))
-
-    # ------------------------------------------------------------------ finite steps
-    def attach_finite_guard(self, system) -> bool:
-        """Attach to ``system`` (a LightningModule, or ``None``: no-op): the finite-step guard
-        (:mod:`scoredistill.guidance.finite`) and the resume check (:func:`~.checkpointing.attach_resume_check`).
-        Called after ``configure()`` with the system on the call stack, and from ``do_update_step`` as a
-        fallback.  Returns whether a guard is attached."""
-        if system is None:
-            return False
-        if self.__dict__.get("_finite_system") is system:
-            return True
-        attach_resume_check(system)
-        self.__dict__["_finite_system"] = system  # private: threestudio's do_update_step visits public attributes
-        install_finite_guard(system, self.cfg.max_nonfinite_skips, "system.guidance.max_nonfinite_skips")
-        return True
+    # ------------------------------------------------------------------ run integrity (finite steps, resume)
+    def attach_run_integrity(self, system) -> RunIntegrity:
+        """Attach run integrity (:mod:`scoredistill.integrity`) to ``system``, the LightningModule this guidance
+        runs in, and return it (idempotent): the finite-step guard -- with this guidance's
+        ``max_nonfinite_skips`` when set -- and the resume check.  Called by the system
+        (:meth:`~scoredistill.integrity.RunIntegrity.add_guidance`) or, for a system that made no call, at this
+        guidance's first :meth:`do_update_step`."""
+        if self.__dict__.get("_integrity_system") is not system:
+            attach_run_integrity(system, self.cfg.max_nonfinite_skips, "system.guidance.max_nonfinite_skips")
+            # private: threestudio's do_update_step visits public attributes
+            self.__dict__["_integrity_system"] = system
+        return RunIntegrity.of(system)
 
     @property
     def finite_guard(self):
-        """The :class:`~scoredistill.guidance.finite.FiniteStepGuard` of the system this guidance runs in, or ``None``."""
-        return get_finite_guard(self.__dict__.get("_finite_system"))
+        """The :class:`~scoredistill.integrity.FiniteStepGuard` of the system this guidance runs in, or ``None``."""
+        return get_finite_guard(self.__dict__.get("_integrity_system"))
 
     @property
     def guard_name(self) -> str:
@@ -239,8 +242,14 @@ class ScoreDistillationGuidance(BaseObject):
         """Restore :meth:`rollback_state` output (a skipped step leaves the guidance state untouched)."""
 
     def do_update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):
-        if self.__dict__.get("_finite_system") is None:
-            self.attach_finite_guard(find_calling_lightning_module(4, holding=self, _frame=inspect.currentframe().f_back))
+        if "_integrity_system" not in self.__dict__:
+            # first update step and no system attached this guidance (a foreign system, e.g. threestudio's
+            # dreamfusion-system: its on_train_batch_start calls do_update_step before training_step): attach to
+            # the LightningModule holding this guidance as an attribute; looked up once
+            self.__dict__["_integrity_system"] = None
+            system = lightning_module_holding(self)
+            if system is not None:
+                self.attach_run_integrity(system)
         super().do_update_step(epoch, global_step, on_load_weights=on_load_weights)
 
     def configure(self) -> None:
@@ -471,26 +480,28 @@ class CheckpointedScoreDistillationGuidance(CheckpointedGuidanceMixin, ScoreDist
     """A :class:`ScoreDistillationGuidance` with its own trainable state (e.g. LODS' α / ψ, VDM's ``M_ψ``) that
     is saved in and restored from the system's Lightning checkpoints under
     ``checkpoint["scoredistill_guidance_states"][checkpoint_state_key]``
-    (:mod:`scoredistill.guidance.checkpointing`), with any threestudio system, unmodified.
+    (:mod:`scoredistill.integrity.checkpointing`), with any threestudio system, unmodified.
 
     Subclasses define :meth:`guidance_state_dict` / :meth:`load_guidance_state_dict` and
-    ``checkpoint_state_key`` (their registered name).  With ``auto_attach`` (default) the guidance attaches to
-    the LightningModule that builds it (found on the call stack after ``configure``) or, failing that, to the
-    one that holds it when threestudio's ``BaseSystem.on_train_batch_start`` calls ``do_update_step``;
-    systems may instead call ``guidance.attach_checkpointing(self)``.
+    ``checkpoint_state_key`` (their registered name).  With ``auto_attach`` (default) the state joins the
+    checkpoints of the system the guidance attaches to (:meth:`attach_run_integrity`: from the system, or from
+    the holder at the first ``do_update_step``); without it, only through ``guidance.attach_checkpointing(system)``.
     """
 
     @dataclass
     class Config(ScoreDistillationGuidance.Config):
-        #: attach the checkpoint hooks to the system that builds / holds this guidance automatically
+        #: carry this guidance's state in the checkpoints of the system it attaches to (scoredistill.integrity)
         auto_attach: bool = True
 
     cfg: Config
 
-    def __init__(self, cfg: Optional[Any] = None, *args, **kwargs) -> None:
-        super().__init__(cfg, *args, **kwargs)  # BaseObject: parse the config, configure()
+    def attach_run_integrity(self, system) -> RunIntegrity:
+        """:meth:`ScoreDistillationGuidance.attach_run_integrity`, and with ``auto_attach`` this guidance's state
+        in ``system``'s checkpoints (restored now if the trainer is already resuming)."""
+        integrity = super().attach_run_integrity(system)
         if self.cfg.auto_attach:
-            self.attach_checkpointing(warn=False)
+            integrity.checkpoint_guidance(self)
+        return integrity
 
     # threestudio / torch-style names of the guidance state
     def state_dict(self) -> Dict[str, Any]:
@@ -507,8 +518,3 @@ class CheckpointedScoreDistillationGuidance(CheckpointedGuidanceMixin, ScoreDist
 
     def restore_rollback_state(self, state: Dict[str, Any]) -> None:
         self.load_guidance_state_dict(state)
-
-    def do_update_step(self, epoch: int, global_step: int, on_load_weights: bool = False):
-        if self.cfg.auto_attach:
-            self.attach_checkpointing_from_caller()
-        super().do_update_step(epoch, global_step, on_load_weights=on_load_weights)

@@ -13,7 +13,7 @@ Thin adapter over :class:`scoredistill.maths.lods.LODSLearner` (the maths: Eq. 7
     in ``dreamfusion-system``, the pack's ``gsplat-system`` or any other system.
 
 An Eq. 8/10 update with a non-finite loss or gradient is skipped (α / ψ and moments untouched; logged as
-``lods_aux_nonfinite_skips``) and makes the system's step skipped too (:mod:`scoredistill.guidance.finite`).
+``lods_aux_nonfinite_skips``) and makes the system's step skipped too (:mod:`scoredistill.integrity.finite`).
 
 Logged (not losses): ``lods_aux_loss`` (Eq. 8/10 value), ``lods_aux_steps``, and this call's UNet cost
 ``lods_unet_calls`` / ``lods_unet_samples`` / ``lods_unet_backward_samples``.
@@ -23,9 +23,10 @@ Checkpoints
 α / ψ and their optimizer state (:meth:`LODSGuidance.guidance_state_dict`; never the frozen SD weights) are
 saved in every Lightning checkpoint under ``checkpoint["scoredistill_guidance_states"]["lods-guidance"]`` and
 restored on resume, with any system (``dreamfusion-system``, the pack's ``gsplat-system``) unmodified -- the
-pack's one mechanism, :mod:`scoredistill.guidance.checkpointing` through
-:class:`scoredistill.guidance.base.CheckpointedScoreDistillationGuidance` (``auto_attach: true``; systems may
-instead call ``guidance.attach_checkpointing(self)``).
+pack's one mechanism, :mod:`scoredistill.integrity` through
+:class:`scoredistill.guidance.base.CheckpointedScoreDistillationGuidance` (``auto_attach: true``: with the run
+integrity the system attaches, or, for a system that makes no call, attached to its holder at the first update
+step; or explicitly ``guidance.attach_checkpointing(system)``).
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from threestudio.utils.misc import config_to_primitive
 from .._registry import register
 from ..distributed import broadcast_
 from .base import CheckpointedScoreDistillationGuidance
-from .checkpointing import CHECKPOINT_KEY
-from .finite import clone_state
+from ..integrity.checkpointing import CHECKPOINT_KEY
+from ..integrity.finite import clone_state
 from ..maths.lods import (
     DEFAULT_AUX_STEP_PERCENT,
     DEFAULT_GUIDANCE_SCALE,

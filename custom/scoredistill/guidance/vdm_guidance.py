@@ -15,7 +15,7 @@ shared :class:`scoredistill.guidance.base.ScoreDistillationGuidance` (SD loading
 
 An Eq. 17 update with a non-finite input, loss or gradient is skipped (ψ, moments and BatchNorm statistics
 untouched; logged as ``vdm_operator_nonfinite_skips``) and makes the system's step skipped too
-(:mod:`scoredistill.guidance.finite`).
+(:mod:`scoredistill.integrity.finite`).
 
 Logged (not losses): ``vdm_operator_loss`` (Eq. 17 before the update), ``vdm_operator_updates``,
 ``vdm_lambda`` (mean λ_t), ``vdm_timestep`` (mean t), ``vdm_unet_calls`` / ``vdm_unet_samples`` (this call).
@@ -23,7 +23,7 @@ Logged (not losses): ``vdm_operator_loss`` (Eq. 17 before the update), ``vdm_ope
 Checkpoints: ``M_ψ`` (and its Adam moments) are saved in every Lightning checkpoint under
 ``checkpoint["scoredistill_guidance_states"]["vdm-guidance"]`` and restored on resume, with any system
 (``dreamfusion-system``, the pack's ``gsplat-system``) unmodified -- the pack's one mechanism,
-:mod:`scoredistill.guidance.checkpointing` through
+:mod:`scoredistill.integrity` through
 :class:`scoredistill.guidance.base.CheckpointedScoreDistillationGuidance`; see ``docs/vdm.md``.
 """
 from __future__ import annotations

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..guidance.finite import finite_ok, make_capturable, step_if_finite
+from ..integrity.finite import finite_ok, make_capturable, step_if_finite
 from .diffusion import WEIGHTING_STRATEGIES, EpsFn, add_noise, predict_cond_uncond, sds_weight
 from ..distributed import all_reduce_grads_
 

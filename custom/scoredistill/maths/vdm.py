@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scoredistill.distributed import all_reduce_grads_
-from scoredistill.guidance.finite import finite_ok, make_capturable, step_if_finite
+from scoredistill.integrity.finite import finite_ok, make_capturable, step_if_finite
 from scoredistill.maths.diffusion import (
     WEIGHTING_STRATEGIES,
     EpsFn,

@@ -43,8 +43,7 @@ from scoredistill.geometry.gaussian_params import PARAM_KEYS
 from scoredistill.geometry.gaussian_ply import save_gaussians_ply
 from scoredistill.settings import check_range
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
-from scoredistill.guidance.checkpointing import attach_resume_check
-from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, get_finite_guard, install_finite_guard
+from scoredistill.integrity import DEFAULT_MAX_NONFINITE_SKIPS, RunIntegrityMixin, get_finite_guard
 
 #: learning rates of the reference 3DGS implementation (position lr before scene-extent scaling)
 DEFAULT_LRS = {
@@ -58,7 +57,7 @@ DEFAULT_LRS = {
 
 
 @register("gsplat-system")
-class GsplatSystem(BaseLift3DSystem):
+class GsplatSystem(RunIntegrityMixin, BaseLift3DSystem):
     @dataclass
     class Config(BaseLift3DSystem.Config):
         #: gsplat strategy: type default | mcmc | none, scene_scale, opacity_reset, DefaultStrategy/MCMCStrategy fields
@@ -69,7 +68,7 @@ class GsplatSystem(BaseLift3DSystem):
         ply_name: str = "gaussians.ply"
         #: also write the depth map in validation/test grids
         visualize_depth: bool = False
-        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.integrity.finite)
         max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
@@ -94,9 +93,8 @@ class GsplatSystem(BaseLift3DSystem):
         validate_system_settings(self)
         if not isinstance(self.cfg.ply_name, str) or not self.cfg.ply_name.endswith(".ply"):
             raise ValueError(f"system.ply_name must be a file name ending with .ply, got {self.cfg.ply_name!r}")
-        # finite-step guard (validates system.max_nonfinite_skips) and resume check, before models load
-        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
-        attach_resume_check(self)
+        # run integrity: finite-step guard (validates system.max_nonfinite_skips) and resume check, before models load
+        self.attach_run_integrity(self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
         self.densifier = GaussianDensifier(dict(self.cfg.strategy))  # validates before models load
         if self.cfg.position_lr is not None:
             self._position_lr(0)  # validate
@@ -162,6 +160,7 @@ class GsplatSystem(BaseLift3DSystem):
             self._pending_strategy_state = None
         self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
         self.guidance = threestudio.find(self.cfg.guidance_type)(self.cfg.guidance)
+        self.run_integrity.add_guidance(self.guidance)  # a pack guidance: its limit, its checkpointed state
         # DDP: densification replaces the parameter tensors, which DDP's buckets / hooks would not follow;
         # DDP's reduction is switched off and on_before_optimizer_step averages the current gradients instead
         if distributed.is_distributed() and not distributed.sync_disabled("system"):

@@ -50,8 +50,7 @@ from .._registry import register
 from ..sync import log_host
 from ..settings import check_range
 from ..validation import defer_config_snapshot, validate_system_settings
-from ..guidance.checkpointing import attach_resume_check
-from ..guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
+from ..integrity import DEFAULT_MAX_NONFINITE_SKIPS, RunIntegrityMixin
 from ..maths.hifa import (
     ANNEALING_SCHEDULES,
     DISPARITY_LOSSES,
@@ -85,7 +84,7 @@ def _uses(value: Any) -> bool:
 
 
 @register("hifa-system")
-class HiFASystem(DreamFusion):
+class HiFASystem(RunIntegrityMixin, DreamFusion):
     @dataclass
     class Config(DreamFusion.Config):
         #: Eq. 5 "sqrt" | "linear" | "cosine" | "random" | "none" (leave the guidance's own timesteps)
@@ -115,7 +114,7 @@ class HiFASystem(DreamFusion):
         disparity_opacity_threshold: float = 0.5
         #: DPT input size; None = from the checkpoint's preprocessor_config.json / config.image_size
         disparity_image_size: Optional[int] = None
-        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.integrity.finite)
         max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
@@ -158,8 +157,7 @@ class HiFASystem(DreamFusion):
         validate_system_settings(
             self, guidance_cfg=self.guidance_config(self.cfg.guidance_type, self.cfg.guidance, self.cfg.sds_plus_image_term)
         )
-        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
-        attach_resume_check(self)
+        self.attach_run_integrity(self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
         super().configure()
         self._warned_no_img = False
 
@@ -171,6 +169,7 @@ class HiFASystem(DreamFusion):
         self.prompt_processor = threestudio.find(self.cfg.prompt_processor_type)(self.cfg.prompt_processor)
         guidance_cfg = self.guidance_config(self.cfg.guidance_type, self.cfg.guidance, self.cfg.sds_plus_image_term)
         self.guidance = threestudio.find(self.cfg.guidance_type)(guidance_cfg)
+        self.run_integrity.add_guidance(self.guidance)
         if self.cfg.timestep_annealing != "none":
             for attr in ("min_step", "max_step", "num_train_timesteps"):
                 if not hasattr(self.guidance, attr):

@@ -40,8 +40,7 @@ from threestudio.systems.dreamfusion import DreamFusion
 from threestudio.utils.base import Updateable
 
 from scoredistill._registry import register
-from scoredistill.guidance.checkpointing import attach_resume_check
-from scoredistill.guidance.finite import DEFAULT_MAX_NONFINITE_SKIPS, install_finite_guard
+from scoredistill.integrity import DEFAULT_MAX_NONFINITE_SKIPS, RunIntegrityMixin
 from scoredistill.system.gsplat_system import GsplatSystem
 from scoredistill.validation import defer_config_snapshot, validate_system_settings
 
@@ -182,14 +181,14 @@ class _GuidanceWithSource(Updateable):
 
 
 @register("nerf-edit-system")
-class NerfEditSystem(_SourceMixin, DreamFusion):
+class NerfEditSystem(RunIntegrityMixin, _SourceMixin, DreamFusion):
     @dataclass
     class Config(DreamFusion.Config):
         #: threestudio checkpoint of the asset to edit (its trial folder must hold configs/parsed.yaml)
         source_checkpoint: str = ""
         #: source prompt y_src; null = the target prompt
         source_prompt: Optional[str] = None
-        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.guidance.finite)
+        #: consecutive skipped (non-finite) optimizer steps that stop the run (scoredistill.integrity.finite)
         max_nonfinite_skips: int = DEFAULT_MAX_NONFINITE_SKIPS
 
     cfg: Config
@@ -197,8 +196,7 @@ class NerfEditSystem(_SourceMixin, DreamFusion):
     def configure(self) -> None:
         from threestudio.utils.config import load_config, parse_structured
 
-        install_finite_guard(self, self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
-        attach_resume_check(self)
+        self.attach_run_integrity(self.cfg.max_nonfinite_skips, "system.max_nonfinite_skips")
         from threestudio.utils.misc import load_module_weights
 
         validate_system_settings(self)  # before the source checkpoint and any model load
@@ -250,6 +248,7 @@ class NerfEditSystem(_SourceMixin, DreamFusion):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # creates prompt_processor and guidance
+        self.run_integrity.add_guidance(self.guidance)  # before the wrapper: the guidance itself attaches
         self._move_source()
         self._make_source_prompt_processor()
         self.guidance = _GuidanceWithSource(self, self.guidance)

@@ -1,9 +1,10 @@
 """The finite-step guarantee: no optimizer step with a non-finite value is ever applied.
 
 One mechanism for every system the pack's guidances run in (the pack's ``gsplat-system``, ``hifa-system``,
-edit systems, and threestudio's own ``dreamfusion-system``), with any system unmodified: a
-:class:`FiniteStepGuard` is attached to the system *instance* (like the checkpoint hooks of
-:mod:`scoredistill.guidance.checkpointing`) by wrapping two of its Lightning hooks:
+edit systems, and threestudio's own ``dreamfusion-system``), with any system unmodified: the
+:class:`FiniteStepGuard` of a system is held by its :class:`~scoredistill.integrity.attach.RunIntegrity`
+(attached as the package docstring, :mod:`scoredistill.integrity`, describes), which runs it from two of the
+system's Lightning hooks:
 
 * ``training_step``: clears this step's flags, runs the system's step, flags a non-finite returned loss;
 * ``on_before_optimizer_step`` (Lightning calls it after backward, after the DDP all-reduce and after AMP
@@ -45,8 +46,6 @@ __all__ = [
     "FiniteStepGuard",
     "NonFiniteStepError",
     "clone_state",
-    "get_finite_guard",
-    "install_finite_guard",
     "finite_ok",
     "make_capturable",
     "step_if_finite",
@@ -56,8 +55,6 @@ __all__ = [
 
 #: consecutive skipped steps after which the run stops (``system.max_nonfinite_skips``)
 DEFAULT_MAX_NONFINITE_SKIPS = 10
-#: attribute of a system instance holding its guard
-_GUARD_ATTR = "_scoredistill_finite_guard"
 
 _log = logging.getLogger("pytorch_lightning")  # threestudio's logger: shows up in launch.py's output
 
@@ -193,6 +190,14 @@ class FiniteStepGuard:
         self.flag(reason, ~ok)
         return ok
 
+    def check_loss(self, step_output: Any) -> None:
+        """Flag a non-finite loss in what ``training_step`` returned (a tensor, a float or a dict with ``loss``)."""
+        loss = step_output.get("loss") if isinstance(step_output, dict) else step_output
+        if isinstance(loss, torch.Tensor):
+            self.check_finite("loss", loss)
+        elif isinstance(loss, float) and not math.isfinite(loss):
+            self.flag("loss", True)
+
     def snapshot(self, key: str, take: Callable[[], Any], restore: Callable[[Any], None]) -> bool:
         """Keep ``take()`` (a copy of some trainable state) for this step, once per step and key; ``restore(copy)``
         runs if the step is skipped.  Returns whether a snapshot was taken now."""
@@ -295,47 +300,3 @@ def _safe_log(module, name: str, value) -> None:
         module.log(name, value)
     except Exception:  # logging is best effort (e.g. a hook where Lightning forbids self.log)
         pass
-
-
-def get_finite_guard(system) -> Optional[FiniteStepGuard]:
-    """The guard attached to ``system`` (a LightningModule instance), or ``None``."""
-    return None if system is None else system.__dict__.get(_GUARD_ATTR)
-
-
-def install_finite_guard(
-    system, max_consecutive_skips: Optional[int] = None, setting: Optional[str] = None
-) -> FiniteStepGuard:
-    """Attach the finite-step guard to the LightningModule instance ``system`` (idempotent) and return it.
-
-    Wraps the instance's ``training_step`` and ``on_before_optimizer_step`` (chaining to the class's).  A later
-    call with ``max_consecutive_skips`` set replaces the limit (and the setting name used in messages).
-    """
-    guard = get_finite_guard(system)
-    if guard is None:
-        guard = FiniteStepGuard(
-            DEFAULT_MAX_NONFINITE_SKIPS if max_consecutive_skips is None else max_consecutive_skips,
-            setting or "system.max_nonfinite_skips",
-        )
-        system.__dict__[_GUARD_ATTR] = guard
-        original_step = system.training_step
-        original_before = system.on_before_optimizer_step
-
-        def training_step(*args, _orig=original_step, _guard=guard, **kwargs):
-            _guard.begin_step()
-            out = _orig(*args, **kwargs)
-            loss = out.get("loss") if isinstance(out, dict) else out
-            if isinstance(loss, torch.Tensor):
-                _guard.check_finite("loss", loss)
-            elif isinstance(loss, float) and not math.isfinite(loss):
-                _guard.flag("loss", True)
-            return out
-
-        def on_before_optimizer_step(optimizer, *args, _orig=original_before, _guard=guard, _system=system, **kwargs):
-            _orig(optimizer, *args, **kwargs)
-            _guard.decide(optimizer, getattr(_system, "_trainer", None), _system)
-
-        system.__dict__["training_step"] = training_step
-        system.__dict__["on_before_optimizer_step"] = on_before_optimizer_step
-    elif max_consecutive_skips is not None:
-        guard.set_limit(max_consecutive_skips, setting or guard.setting)
-    return guard
