@@ -159,15 +159,22 @@ def _independent_cfg_eps(guidance, z, t, pu, s):
     return e_u + s * (e_c - e_u)
 
 
+def _fixed_step_inputs(g, t):
+    """Make ``g`` sample the timesteps ``t`` (B,) and return one step's inputs for a batch of B: elevation, azimuth,
+    camera distance, latents (B, 4, 16, 16) and the rendered image (B, 3, 32, 32), both requiring grad."""
+    B = t.shape[0]
+    g.sample_timesteps = lambda n, generator=None, device=None: t
+    latents = torch.randn(B, 4, 16, 16).requires_grad_(True)
+    image = torch.rand(B, 3, 32, 32).requires_grad_(True)
+    return torch.zeros(B), torch.zeros(B), torch.full((B,), 2.0), latents, image
+
+
 def test_hifa_guidance_tweedie_sds_plus_equals_eq4(threestudio_module, tiny_sd, prompt_utils):
     ts = threestudio_module
     g = _guidance(ts, tiny_sd, denoised_target="tweedie")
     B = 2
     t = torch.tensor([300, 700])
-    g.sample_timesteps = lambda n, generator=None, device=None: t
-    elev, azim, dist = torch.zeros(B), torch.zeros(B), torch.full((B,), 2.0)
-    latents = torch.randn(B, 4, 16, 16).requires_grad_(True)
-    image = torch.rand(B, 3, 32, 32).requires_grad_(True)
+    elev, azim, dist, latents, image = _fixed_step_inputs(g, t)
     torch.manual_seed(5)
     out = g.compute_grad(latents, prompt_utils, elev, azim, dist, hifa_image=image)
     assert out["unet_calls_step"] == 1  # one batched CFG call
@@ -240,10 +247,7 @@ def test_hifa_guidance_outputs_are_its_eq4_functions(threestudio_module, tiny_sd
     g = _guidance(ts, tiny_sd, denoised_target=target, ddim_eta=0.0)
     B = 2
     t = torch.tensor([300, 700]) if target == "tweedie" else torch.tensor([620, 620])
-    g.sample_timesteps = lambda n, generator=None, device=None: t
-    elev, azim, dist = torch.zeros(B), torch.zeros(B), torch.full((B,), 2.0)
-    latents = torch.randn(B, 4, 16, 16).requires_grad_(True)
-    image = torch.rand(B, 3, 32, 32).requires_grad_(True)
+    elev, azim, dist, latents, image = _fixed_step_inputs(g, t)
     torch.manual_seed(11)
     out = g.compute_grad(latents, prompt_utils, elev, azim, dist, hifa_image=image)
     torch.manual_seed(11)
